@@ -1,0 +1,287 @@
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from zmqruntime import (
+    ExecutionCancelledError,
+    ExecutionNotFoundError,
+    ExecutionState,
+    RemoteError,
+)
+from zmqruntime._receiver import ChunkReceived
+
+from .control_helpers import (
+    ENDLESS_PIPELINE,
+    FRAMES_PIPELINE,
+    SLEEP_PIPELINE,
+    connected_client,
+    running_server,
+)
+
+
+def test_server_execute_status_and_results() -> None:
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 6})
+        status = client.wait(exec_id, timeout=30)
+        results = client.get_results(exec_id)
+
+    assert status.state is ExecutionState.COMPLETED
+    assert status.progress.chunks_done == 6
+    assert status.progress.bytes_total == 6 * 32 * 32 * 2
+    assert status.values == {"frames": 6, "return": {"shape": (6, 32, 32)}}
+    assert status.results["stack"].shape == (6, 32, 32)
+    assert status.started_at is not None and status.finished_at is not None
+    np.testing.assert_array_equal(results["stack"][:, 0, 0], np.arange(6))
+
+
+def test_server_results_into_memmap_after_run(tmp_path: os.PathLike[str]) -> None:
+    target = os.path.join(tmp_path, "out.npy")
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, "n = 3\nsize = 16\n")
+        client.wait(exec_id, timeout=30)
+        client.get_results(exec_id, target)
+
+    stack = np.load(target, mmap_mode="r")
+    assert stack.shape == (3, 16, 16)
+    assert int(stack[2, 5, 5]) == 2
+
+
+def test_server_pipeline_reference_and_generator() -> None:
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute("tests.zmqruntime.pipelines_for_tests:yield_two")
+        client.wait(exec_id, timeout=30)
+        results = client.get_results(exec_id)
+    assert sorted(results) == ["a", "b"]
+    np.testing.assert_array_equal(results["b"], np.arange(5.0))
+
+
+def test_server_pipeline_error_has_type_and_traceback() -> None:
+    code = "def pipeline(ctx, config):\n    raise ValueError('bad threshold 7')\n"
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(code)
+        status = client.wait(exec_id, timeout=30)
+        with pytest.raises(RemoteError) as info:
+            client.get_results(exec_id)
+    assert status.state is ExecutionState.FAILED
+    assert status.error is not None
+    assert status.error["type"] == "builtins.ValueError"
+    assert "bad threshold 7" in status.error["message"]
+    assert "raise ValueError" in status.error["traceback"]
+    assert info.value.type_name == "builtins.ValueError"
+
+
+def test_server_survives_segfaulting_pipeline() -> None:
+    code = (
+        "import os, signal\ndef pipeline(ctx, config):\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
+    )
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(code)
+        status = client.wait(exec_id, timeout=30)
+        pong = client.ping()
+    assert status.state is ExecutionState.FAILED
+    assert status.error is not None
+    assert status.error["type"] == "WorkerCrashed"
+    assert "SIGSEGV" in status.error["message"]
+    assert pong["pid"] == os.getpid()
+
+
+def test_server_cancel_sleeping_pipeline_within_2s() -> None:
+    with running_server(max_workers=1) as server, connected_client(server) as client:
+        sleeper = client.execute(SLEEP_PIPELINE, {"seconds": 60})
+        queued = client.execute(FRAMES_PIPELINE, {"n": 1})
+        while client.get_status(sleeper).state is not ExecutionState.RUNNING:
+            time.sleep(0.02)
+        pid = client.get_status(sleeper).pid
+
+        start = time.monotonic()
+        outcome = client.cancel(sleeper)
+        status = client.wait(sleeper, timeout=5, poll_interval=0.01)
+        elapsed = time.monotonic() - start
+        next_status = client.wait(queued, timeout=30)
+
+    assert outcome.accepted
+    assert status.state is ExecutionState.CANCELLED
+    assert elapsed < 2.0
+    assert pid is not None and not psutil.pid_exists(pid)
+    assert next_status.started_at is not None and status.finished_at is not None
+    assert next_status.started_at - status.finished_at < 1.5
+    assert next_status.state is ExecutionState.COMPLETED
+
+
+def test_server_cancel_finished_and_unknown() -> None:
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 1})
+        client.wait(exec_id, timeout=30)
+        outcome = client.cancel(exec_id)
+        with pytest.raises(ExecutionNotFoundError, match="no-such-id"):
+            client.cancel("no-such-id")
+        assert client.ping()["pid"] == os.getpid()
+    assert not outcome.accepted
+    assert outcome.state is ExecutionState.COMPLETED
+    assert "already completed" in outcome.message
+
+
+def test_server_cancel_queued_execution() -> None:
+    with running_server(max_workers=1) as server, connected_client(server) as client:
+        sleeper = client.execute(SLEEP_PIPELINE, {"seconds": 60})
+        queued = client.execute(FRAMES_PIPELINE, {"n": 1})
+        outcome = client.cancel(queued)
+        status = client.wait(queued, timeout=5)
+        client.cancel(sleeper)
+    assert outcome.accepted
+    assert status.state is ExecutionState.CANCELLED
+    assert status.started_at is None
+
+
+def test_server_no_chunk_after_cancel_ack() -> None:
+    received: list[int] = []
+    errors: list[BaseException] = []
+    acked = threading.Event()
+    after_ack: list[int] = []
+
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(ENDLESS_PIPELINE)
+
+        def fetch() -> None:
+            try:
+                for event in client.iter_results(exec_id, window_bytes=64 << 10):
+                    if isinstance(event, ChunkReceived):
+                        received.append(event.seq)
+                        if acked.is_set():
+                            after_ack.append(event.seq)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=fetch)
+        thread.start()
+        while len(received) < 20:
+            time.sleep(0.01)
+        outcome = client.cancel(exec_id)
+        acked.set()
+        chunks_at_cancel = outcome.chunks_done
+        thread.join(20)
+        status = client.wait(exec_id, timeout=5)
+
+    assert status.state is ExecutionState.CANCELLED
+    assert len(errors) == 1
+    assert isinstance(errors[0], ExecutionCancelledError)
+    # Chunks still in the sockets' queues at the ack may land; no chunk the
+    # server received after the ack may.
+    assert chunks_at_cancel is None or max(received) < chunks_at_cancel
+    assert len(after_ack) <= 16
+
+
+def test_server_execute_idempotent_request_id() -> None:
+    with running_server() as server, connected_client(server) as client:
+        first = client.execute(FRAMES_PIPELINE, {"n": 1}, request_id="req-1")
+        second = client.execute(FRAMES_PIPELINE, {"n": 1}, request_id="req-1")
+        listed = client.list_executions()
+    assert first == second
+    assert len(listed) == 1
+
+
+def test_server_refetch_after_client_dies_midstream() -> None:
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 8, "size": 64})
+        client.wait(exec_id, timeout=30)
+        events = client.iter_results(exec_id, window_bytes=8192)
+        for event in events:
+            if isinstance(event, ChunkReceived):
+                break
+        events.close()  # a client that stops reading mid-stream
+        with connected_client(server) as other:
+            results = other.get_results(exec_id)
+    np.testing.assert_array_equal(results["stack"][:, 0, 0], np.arange(8))
+
+
+def test_server_window_bounds_bytes_in_flight() -> None:
+    chunk = 64 * 64 * 2
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 20, "size": 64})
+        client.wait(exec_id, timeout=30)
+        client.get_results(exec_id, window_bytes=3 * chunk)
+        deadline = time.monotonic() + 5
+        while not server.transfer_stats and time.monotonic() < deadline:
+            time.sleep(0.01)  # the transfer ends once the client's ack arrives
+        stats = list(server.transfer_stats)
+    assert stats[-1]["outcome"] == "completed"
+    assert 0 < stats[-1]["max_in_flight"] <= 3 * chunk
+
+
+def test_server_spills_past_memory_limit_and_release_removes(tmp_path: os.PathLike[str]) -> None:
+    spill_dir = os.path.join(tmp_path, "spill")
+    with (
+        running_server(memory_limit=20_000, spill_dir=spill_dir) as server,
+        connected_client(server) as client,
+    ):
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 10, "size": 64})
+        client.wait(exec_id, timeout=30)
+        spilled = os.listdir(spill_dir)
+        results = client.get_results(exec_id)
+        released = client.release(exec_id)
+        left = os.listdir(spill_dir)
+        with pytest.raises(ExecutionNotFoundError, match="released"):
+            client.get_results(exec_id)
+    assert len(spilled) == 1
+    np.testing.assert_array_equal(results["stack"][:, 1, 1], np.arange(10))
+    assert released
+    assert left == []
+
+
+def test_server_retention_timeout_removes_results() -> None:
+    with running_server(retention_seconds=0.2) as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 1})
+        client.wait(exec_id, timeout=30)
+        time.sleep(0.6)
+        with pytest.raises(ExecutionNotFoundError, match="expired"):
+            client.get_results(exec_id)
+
+
+def test_server_shutdown_removes_spill_files(tmp_path: os.PathLike[str]) -> None:
+    spill_dir = os.path.join(tmp_path, "spill")
+    with (
+        running_server(memory_limit=0, spill_dir=spill_dir) as server,
+        connected_client(server) as client,
+    ):
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 2})
+        client.wait(exec_id, timeout=30)
+        before = os.listdir(spill_dir)
+    assert len(before) == 1
+    assert os.listdir(spill_dir) == []
+
+
+def test_server_live_fetch_while_running() -> None:
+    code = """
+import time
+import numpy as np
+
+def pipeline(ctx, config):
+    writer = ctx.declare("frames", (4, 8), "int32")
+    for i in range(4):
+        writer.write(i, np.full((1, 8), i, np.int32))
+        time.sleep(0.1)
+"""
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(code)
+        results = client.get_results(exec_id)
+        status = client.wait(exec_id, timeout=10)
+    np.testing.assert_array_equal(results["frames"][:, 0], np.arange(4))
+    assert status.state is ExecutionState.COMPLETED
+
+
+def test_server_logs_transitions_with_id(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="zmqruntime")
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 1})
+        client.wait(exec_id, timeout=30)
+    text = caplog.text
+    assert "started: control tcp://127.0.0.1:" in text
+    assert f"execution {exec_id}: queued -> running" in text
+    assert f"execution {exec_id}: running -> completed" in text
+    assert "stopped" in text

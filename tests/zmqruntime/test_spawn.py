@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from zmqruntime import EndpointInUseError, ExecutionClient, ExecutionServer, ServerConfig
+
+from .control_helpers import FRAMES_PIPELINE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_spawn_starts_server_and_answers(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/spawned.sock"
+    start = time.monotonic()
+    client = ExecutionClient(endpoint=endpoint, timeout=10, idle_timeout=30)
+    try:
+        pong = client.ping()
+        elapsed = time.monotonic() - start
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 2})
+        status = client.wait(exec_id, timeout=30)
+        client.shutdown()
+    finally:
+        client.close()
+    assert pong["pid"] != __import__("os").getpid()
+    assert elapsed < 5.0  # benchmarks measure the 2 s target on an idle machine
+    assert status.state.value == "completed"
+    assert _wait_gone(pong["pid"])
+
+
+def test_spawn_race_ends_with_one_server(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/race.sock"
+    script = (
+        "import sys, zmqruntime\n"
+        "c = zmqruntime.ExecutionClient(endpoint=sys.argv[1], timeout=20, idle_timeout=30)\n"
+        "e = c.execute('def pipeline(ctx, config):\\n    return 7\\n')\n"
+        "s = c.wait(e, timeout=30)\n"
+        "print(c.ping()['pid'], s.state.value, s.values['return'])\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, endpoint], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+
+    pids = {int(out[0]) for out in outputs}
+    assert len(pids) == 1
+    assert all(out[1:] == ["completed", "7"] for out in outputs)
+
+    with ExecutionClient(endpoint=endpoint, auto_spawn=False, timeout=5) as client:
+        client.shutdown()
+    assert _wait_gone(pids.pop())
+
+
+def test_spawn_second_server_on_ipc_rejected(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/held.sock"
+    first = ExecutionServer(ServerConfig(endpoint=endpoint))
+    thread = first.serve_in_thread()
+    try:
+        with pytest.raises(EndpointInUseError, match=r"held\.sock"):
+            ExecutionServer(ServerConfig(endpoint=endpoint)).start()
+        with ExecutionClient(endpoint=endpoint, auto_spawn=False, timeout=5) as client:
+            assert client.ping()["endpoint"] == endpoint
+    finally:
+        first.stop()
+        thread.join(10)
+
+
+def test_spawned_server_exits_when_idle(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/idle.sock"
+    with ExecutionClient(endpoint=endpoint, timeout=10, idle_timeout=0.5) as client:
+        pid = client.ping()["pid"]
+    assert _wait_gone(pid, timeout=10)

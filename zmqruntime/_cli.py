@@ -1,0 +1,235 @@
+"""Command-line interface: ``python -m zmqruntime serve|status|list|cancel|results|shutdown``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from ._client import ExecutionClient
+from ._errors import ZmqRuntimeError
+from ._execution import ServerConfig
+from ._server import ExecutionServer
+
+__all__ = ["main"]
+
+_MIB = 1 << 20
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port", type=int, default=5555, help="server port on --host (default: %(default)s)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="server address (default: %(default)s)")
+    parser.add_argument(
+        "--endpoint",
+        default=None,
+        help="full control endpoint, e.g. ipc:///tmp/zr.sock; overrides "
+        "--host and --port (default: tcp://HOST:PORT)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds a request may take, retries included (default: %(default)s)",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m zmqruntime",
+        description="Run a zmqruntime server or talk to one.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run a server in the foreground",
+        description="Run a server until Ctrl-C, SIGTERM, a shutdown request or the idle timeout.",
+    )
+    _add_connection_options(serve)
+    serve.add_argument(
+        "--workers", type=int, default=2, help="executions that run at once (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--max-queued",
+        type=int,
+        default=1000,
+        help="executions that may wait for a worker (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--memory-limit-mib",
+        type=float,
+        default=512,
+        help="MiB of retained results kept in memory before spilling to "
+        "disk (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--spill-dir",
+        default=None,
+        help="directory for spill files (default: the system temp directory)",
+    )
+    serve.add_argument(
+        "--retention",
+        type=float,
+        default=3600.0,
+        help="seconds results stay after their execution ended, unless "
+        "released (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=0.0,
+        help="seconds without requests or work before the server exits; "
+        "0 never exits (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--grace-period",
+        type=float,
+        default=1.0,
+        help="seconds a cancelled pipeline gets before SIGTERM, then as long "
+        "again at most before SIGKILL (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--window-mib",
+        type=float,
+        default=32,
+        help="default flow-control window of a fetch, in MiB (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)"
+    )
+
+    status = commands.add_parser("status", help="print the status of an execution as JSON")
+    status.add_argument("exec_id", help="execution id that execute returned")
+    _add_connection_options(status)
+
+    listing = commands.add_parser("list", help="list the executions the server knows")
+    listing.add_argument(
+        "--state",
+        action="append",
+        default=None,
+        help="only this state; repeat for several (default: all)",
+    )
+    _add_connection_options(listing)
+
+    cancel = commands.add_parser("cancel", help="cancel an execution")
+    cancel.add_argument("exec_id", help="execution id that execute returned")
+    _add_connection_options(cancel)
+
+    results = commands.add_parser(
+        "results",
+        help="fetch an execution's results into a sink",
+        description="Fetch results with a progress bar (stderr) and print where they went.",
+    )
+    results.add_argument("exec_id", help="execution id that execute returned")
+    results.add_argument(
+        "--sink",
+        default="memmap",
+        help="memmap, zarr, or a path ending in .npy or .zarr; memmap and zarr "
+        "write to a new temporary directory (default: %(default)s)",
+    )
+    results.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="fetch only this result; repeat for several (default: all)",
+    )
+    results.add_argument(
+        "--release",
+        action="store_true",
+        help="release the results on the server after a complete fetch",
+    )
+    results.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_connection_options(results)
+
+    shutdown = commands.add_parser("shutdown", help="stop the server")
+    _add_connection_options(shutdown)
+    return parser
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    return str(args.endpoint or f"tcp://{args.host}:{args.port}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = ServerConfig(
+        endpoint=_endpoint(args),
+        max_workers=args.workers,
+        max_queued=args.max_queued,
+        memory_limit=int(args.memory_limit_mib * _MIB),
+        spill_dir=args.spill_dir,
+        retention_seconds=args.retention,
+        idle_timeout=args.idle_timeout or None,
+        grace_period=args.grace_period,
+        kill_after=args.grace_period,
+        window_bytes=int(args.window_mib * _MIB),
+    )
+    server = ExecutionServer(config)
+    server.start()
+
+    def stop(signum: int, frame: Any) -> None:
+        server.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.serve_forever()
+    return 0
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _run_client_command(args: argparse.Namespace) -> int:
+    with ExecutionClient(
+        endpoint=_endpoint(args), timeout=args.timeout, auto_spawn=False
+    ) as client:
+        if args.command == "status":
+            _print_json(asdict(client.get_status(args.exec_id)))
+        elif args.command == "list":
+            for status in client.list_executions(args.state):
+                submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.submitted_at))
+                print(f"{status.exec_id}  {status.state.value:<10}  submitted {submitted}")
+        elif args.command == "cancel":
+            outcome = client.cancel(args.exec_id)
+            print(outcome.message)
+            return 0 if outcome.accepted else 1
+        elif args.command == "results":
+            values = client.get_results(
+                args.exec_id,
+                args.sink,
+                names=args.name,
+                progress=not args.no_progress,
+                release=args.release,
+            )
+            for name, handle in values.items():
+                location = getattr(handle, "filename", None) or getattr(handle, "store", None)
+                where = location or "memory"
+                print(f"{name}: shape {tuple(handle.shape)} dtype {handle.dtype} -> {where}")
+        elif args.command == "shutdown":
+            client.shutdown()
+            print(f"server on {client.endpoint} is stopping")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    args = _build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    try:
+        return _run_client_command(args)
+    except (ZmqRuntimeError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

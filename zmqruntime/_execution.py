@@ -1,0 +1,151 @@
+"""Server configuration and the server's record of one execution."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TERMINAL_STATES", "ExecutionRecord", "ServerConfig", "crash_error"]
+
+STATES = ("queued", "running", "cancelling", "completed", "failed", "cancelled")
+TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Settings of an :class:`ExecutionServer`; every size in bytes, every time in seconds.
+
+    Attributes
+    ----------
+    endpoint:
+        Control endpoint to bind, ``tcp://127.0.0.1:5555`` by default. Binding
+        another interface lets other hosts submit code that the server runs.
+    host:
+        Address data sockets bind to (``tcp://...`` form); None uses
+        ``tcp://127.0.0.1``. Ignored for an ipc control endpoint.
+    max_workers:
+        Executions that run at once.
+    max_queued:
+        Executions that may wait for a worker; more are rejected.
+    memory_limit:
+        Retained result payload bytes kept in memory; the rest spills to disk.
+    spill_dir:
+        Directory for spill files; None uses the system temp directory.
+    retention_seconds:
+        How long results stay after their execution ended, unless released.
+    idle_timeout:
+        Stop after this long with no request, execution or transfer; None: never.
+    grace_period:
+        Time a cancelled pipeline gets to stop on its own before SIGTERM.
+    kill_after:
+        Time between SIGTERM and SIGKILL.
+    window_bytes:
+        Default flow-control window of a fetch: payload bytes sent and not yet
+        stored by the client.
+    transfer_timeout:
+        A fetch whose client neither connects nor credits for this long is dropped.
+    ingest_hwm:
+        Messages the ingest socket queues (RCVHWM).
+    chunk_bytes:
+        Target chunk size for pipelines that let the sender choose; None: the default.
+    start_method:
+        ``"forkserver"`` or ``"spawn"``; None picks forkserver on Linux.
+    """
+
+    endpoint: str = "tcp://127.0.0.1:5555"
+    host: str | None = None
+    max_workers: int = 2
+    max_queued: int = 1000
+    memory_limit: int = 512 << 20
+    spill_dir: str | None = None
+    retention_seconds: float = 3600.0
+    idle_timeout: float | None = None
+    grace_period: float = 1.0
+    kill_after: float = 0.5
+    window_bytes: int = 32 << 20
+    transfer_timeout: float = 60.0
+    ingest_hwm: int = 8
+    chunk_bytes: int | None = None
+    start_method: str | None = None
+
+
+@dataclass(slots=True)
+class ExecutionRecord:
+    """What the server knows about one execution; guarded by the server's lock."""
+
+    exec_id: str
+    request_id: str
+    state: str = "queued"
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    pid: int | None = None
+    exitcode: int | None = None
+    exited_at: float | None = None
+    cancel_requested: bool = False
+    stream_ended: bool = False
+    results_released: bool = False
+    outcome: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    chunks_done: int = 0
+    bytes_done: int = 0
+
+    def to_status(self, *, brief: bool = False) -> dict[str, Any]:
+        """Return the status map sent to clients; ``brief`` leaves out values and results."""
+        status: dict[str, Any] = {
+            "exec_id": self.exec_id,
+            "state": self.state,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+        }
+        if brief:
+            return status
+        chunks_total, bytes_total = self._totals()
+        status.update(
+            pid=self.pid,
+            exitcode=self.exitcode,
+            results_released=self.results_released,
+            progress={
+                **self.progress,
+                "chunks_done": self.chunks_done,
+                "bytes_done": self.bytes_done,
+                "chunks_total": chunks_total,
+                "bytes_total": bytes_total,
+            },
+            values=dict(self.values),
+            results={name: dict(info) for name, info in self.results.items()},
+        )
+        return status
+
+    def _totals(self) -> tuple[int | None, int | None]:
+        # Totals are known once every declared result has a known size.
+        chunks_total = 0
+        bytes_total = 0
+        for info in self.results.values():
+            if info.get("chunks_total") is None or info.get("bytes_total") is None:
+                return None, None
+            chunks_total += info["chunks_total"]
+            bytes_total += info["bytes_total"]
+        if not self.results:
+            return None, None
+        return chunks_total, bytes_total
+
+
+def crash_error(exitcode: int | None) -> dict[str, str]:
+    """Describe a worker that exited without reporting an outcome."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        message = f"worker process was killed by {name} (signal {-exitcode})"
+    else:
+        message = f"worker process exited with code {exitcode} before reporting an outcome"
+    return {"type": "WorkerCrashed", "message": message, "traceback": ""}

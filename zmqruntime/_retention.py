@@ -1,0 +1,283 @@
+"""Retained result streams: every message of an execution's stream, kept for later fetches.
+
+The server appends each message it receives from a worker to that execution's
+:class:`RetainedStream`, in arrival order. A fetch replays the list from the
+start and then follows new messages as they arrive, so a live fetch and a fetch
+long after the run see the same stream.
+
+Chunk payloads stay in memory while the store's total is under
+``memory_limit`` bytes; past it new payloads are appended to one spill file per
+execution under ``spill_dir``. Headers always stay in memory. A stream and its
+spill file are removed by :meth:`RetentionStore.release`, by
+:meth:`RetentionStore.close` (server shutdown) and by
+:meth:`RetentionStore.expire` once the retention time has passed since the
+stream was sealed.
+
+Thread safety: every method may be called from any thread. One lock guards the
+store; each stream's condition (sharing that lock) wakes readers waiting for
+new messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Record", "RetainedStream", "RetentionStore"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message of a stream: its header frame and, for a chunk, its payload.
+
+    ``payload`` holds the bytes when they are in memory; a spilled payload has
+    ``payload`` None and lives at ``spill_offset`` in the stream's spill file.
+    ``is_chunk`` is True for ``[header, payload]`` messages.
+    """
+
+    header: bytes
+    is_chunk: bool
+    nbytes: int = 0
+    payload: bytes | memoryview | None = None
+    spill_offset: int = -1
+
+
+class RetainedStream:
+    """The messages of one execution's result stream.
+
+    A stream is *sealed* once its final message (the stream end) is appended;
+    a *cut* stream (the execution was cancelled) stops accepting chunks and
+    readers skip every chunk they have not sent yet.
+    """
+
+    def __init__(self, store: RetentionStore, exec_id: str) -> None:
+        self.exec_id = exec_id
+        self.cond = threading.Condition(store.lock)
+        self._store = store
+        self._records: list[Record] = []
+        self._sealed = False
+        self._cut = False
+        self._released = False
+        self.sealed_at: float | None = None
+        self._spill_fd: int | None = None
+        self._spill_path: Path | None = None
+        self._spill_size = 0
+        self.memory_bytes = 0
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the stream end was appended; no message follows it."""
+        return self._sealed
+
+    @property
+    def cut(self) -> bool:
+        """Whether the stream was cut by a cancel."""
+        return self._cut
+
+    @property
+    def released(self) -> bool:
+        """Whether the stream was released; reading it raises."""
+        return self._released
+
+    @property
+    def spill_path(self) -> Path | None:
+        """The spill file, if any payload was spilled."""
+        return self._spill_path
+
+    def __len__(self) -> int:
+        with self.cond:
+            return len(self._records)
+
+    def append(self, header: bytes, payload: bytes | memoryview | None = None) -> bool:
+        """Append a message; False (and nothing stored) when sealed, released or cut for chunks.
+
+        The stream keeps a reference to ``payload`` (no copy) while it stays in
+        memory; the caller must not modify it afterwards.
+        """
+        with self.cond:
+            if self._sealed or self._released or (payload is not None and self._cut):
+                return False
+            if payload is None:
+                record = Record(header, False)
+            else:
+                record = self._store_payload(header, payload)
+            self._records.append(record)
+            self.cond.notify_all()
+            return True
+
+    def _store_payload(self, header: bytes, payload: bytes | memoryview) -> Record:
+        # Caller holds the lock.
+        nbytes = len(payload)
+        if self._store.reserve_memory(nbytes):
+            self.memory_bytes += nbytes
+            return Record(header, True, nbytes, payload)
+
+        if self._spill_fd is None:
+            self._open_spill_file()
+        assert self._spill_fd is not None
+        offset = self._spill_size
+        written = os.pwrite(self._spill_fd, payload, offset)
+        if written != nbytes:
+            raise OSError(f"short write to spill file {self._spill_path}: {written} of {nbytes}")
+        self._spill_size += nbytes
+        return Record(header, True, nbytes, None, offset)
+
+    def _open_spill_file(self) -> None:
+        fd, name = tempfile.mkstemp(
+            prefix=f"zmqruntime-{self.exec_id}-", suffix=".spill", dir=self._store.spill_dir
+        )
+        self._spill_fd = fd
+        self._spill_path = Path(name)
+        logger.info("execution %s spills result payloads to %s", self.exec_id, name)
+
+    def seal(self, header: bytes) -> bool:
+        """Append the stream end ``header`` and seal; False when already sealed or released."""
+        with self.cond:
+            if self._sealed or self._released:
+                return False
+            self._records.append(Record(header, False))
+            self._sealed = True
+            self.sealed_at = time.monotonic()
+            self.cond.notify_all()
+            return True
+
+    def cut_stream(self) -> None:
+        """Mark the stream cancelled: no chunk is appended or sent from now on."""
+        with self.cond:
+            self._cut = True
+            self.cond.notify_all()
+
+    def wait_record(self, index: int, timeout: float) -> Record | None:
+        """Return message ``index``, waiting up to ``timeout`` s for it; None if absent.
+
+        Raises
+        ------
+        KeyError
+            The stream was released.
+        """
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while index >= len(self._records):
+                if self._released:
+                    raise KeyError(self.exec_id)
+                remaining = deadline - time.monotonic()
+                if self._sealed or remaining <= 0:
+                    return None
+                self.cond.wait(remaining)
+            if self._released:
+                raise KeyError(self.exec_id)
+            return self._records[index]
+
+    def read_payload(self, record: Record) -> bytes | memoryview:
+        """Return a chunk record's payload, reading it from the spill file if needed."""
+        if record.payload is not None:
+            return record.payload
+        with self.cond:
+            if self._released or self._spill_fd is None:
+                raise KeyError(self.exec_id)
+            fd = os.dup(self._spill_fd)
+        # The duplicate descriptor keeps the file readable if a release closes
+        # the original during the read.
+        try:
+            data = os.pread(fd, record.nbytes, record.spill_offset)
+        finally:
+            os.close(fd)
+        if len(data) != record.nbytes:
+            raise OSError(f"short read from spill file of execution {self.exec_id}")
+        return data
+
+    def _drop(self) -> int:
+        # Caller holds the lock. Returns the memory bytes given back.
+        self._released = True
+        self._records.clear()
+        if self._spill_fd is not None:
+            os.close(self._spill_fd)
+            self._spill_fd = None
+        if self._spill_path is not None:
+            self._spill_path.unlink(missing_ok=True)
+        freed, self.memory_bytes = self.memory_bytes, 0
+        self.cond.notify_all()
+        return freed
+
+
+class RetentionStore:
+    """All retained streams of a server, with one memory bound for their payloads.
+
+    Parameters
+    ----------
+    memory_limit:
+        Payload bytes kept in memory across all streams before spilling.
+    spill_dir:
+        Directory for spill files; created if missing. None: the system temp dir.
+    """
+
+    def __init__(self, memory_limit: int, spill_dir: str | os.PathLike[str] | None = None) -> None:
+        self.lock = threading.RLock()
+        self.memory_limit = memory_limit
+        self.spill_dir = None if spill_dir is None else str(spill_dir)
+        if self.spill_dir is not None:
+            Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
+        self._memory_used = 0
+        self._streams: dict[str, RetainedStream] = {}
+
+    @property
+    def memory_used(self) -> int:
+        """Payload bytes held in memory now."""
+        with self.lock:
+            return self._memory_used
+
+    def reserve_memory(self, nbytes: int) -> bool:
+        """Count ``nbytes`` against the bound; False (nothing counted) if they do not fit."""
+        with self.lock:
+            if self._memory_used + nbytes > self.memory_limit:
+                return False
+            self._memory_used += nbytes
+            return True
+
+    def create(self, exec_id: str) -> RetainedStream:
+        """Create and return the stream of ``exec_id``; an existing one is returned as is."""
+        with self.lock:
+            stream = self._streams.get(exec_id)
+            if stream is None:
+                stream = self._streams[exec_id] = RetainedStream(self, exec_id)
+            return stream
+
+    def get(self, exec_id: str) -> RetainedStream | None:
+        """Return the stream of ``exec_id``, or None if absent or released."""
+        with self.lock:
+            return self._streams.get(exec_id)
+
+    def release(self, exec_id: str) -> bool:
+        """Drop the stream of ``exec_id`` and its spill file; False if there was none."""
+        with self.lock:
+            stream = self._streams.pop(exec_id, None)
+            if stream is None:
+                return False
+            self._memory_used -= stream._drop()
+            return True
+
+    def expire(self, retention_seconds: float, now: float | None = None) -> list[str]:
+        """Release streams sealed more than ``retention_seconds`` ago; return their ids."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            expired = [
+                exec_id
+                for exec_id, stream in self._streams.items()
+                if stream.sealed_at is not None and now - stream.sealed_at > retention_seconds
+            ]
+            for exec_id in expired:
+                self.release(exec_id)
+        return expired
+
+    def close(self) -> None:
+        """Release every stream and remove every spill file."""
+        with self.lock:
+            for exec_id in list(self._streams):
+                self.release(exec_id)

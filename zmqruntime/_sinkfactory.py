@@ -1,0 +1,49 @@
+"""Turn the ``sink=`` argument of a fetch into one sink per result.
+
+The rules are those of :func:`sinks.resolve_sinks` (one argument, one sink per
+result name). A fetch does not always know every result name in advance (a
+live fetch learns them as the pipeline declares them), so the factory resolves
+names as they arrive and derives per-result paths once a second result shows up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sinks import ArraySpec, Sink, resolve_sink, resolve_sinks
+
+__all__ = ["SinkArgument", "make_sink_factory"]
+
+SinkArgument = Any
+
+
+def make_sink_factory(
+    sink: SinkArgument, known_names: Sequence[str] | None = None
+) -> Callable[[ArraySpec], Sink]:
+    """Return ``sink_for(spec) -> Sink`` for one fetch.
+
+    ``known_names`` are the result names the fetch will carry, when known;
+    with several of them, a path argument such as ``out.npy`` becomes
+    ``out.<name>.npy`` per result (see :func:`sinks.resolve_sinks`). Without
+    them, the first result gets the path as given and later ones derived paths.
+
+    Raises
+    ------
+    sinks.SinkConfigError
+        The argument names no sink; the message lists the valid ones.
+    """
+    resolved: dict[str, Sink] = {}
+    if known_names:
+        resolved = resolve_sinks(sink, list(known_names))
+    seen: list[str] = []
+
+    def sink_for(spec: ArraySpec) -> Sink:
+        seen.append(spec.name)
+        if spec.name in resolved:
+            return resolved.pop(spec.name)
+        if len(seen) == 1:
+            return resolve_sink(sink, spec_name=spec.name)
+        return resolve_sinks(sink, [seen[0], spec.name])[spec.name]
+
+    return sink_for

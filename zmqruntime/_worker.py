@@ -1,0 +1,147 @@
+"""Entry point of a worker process: run one execution's pipeline.
+
+The worker gets its job as msgpack bytes and a pipe to the server's executor.
+Over the pipe (msgpack maps via ``send_bytes``; nothing is pickled) it reports
+``started``, ``progress``, ``value`` and ``finished``, and it receives
+``cancel``. Results travel on the data channel: a PUSH socket connected to the
+server, written through a :class:`ResultStream`.
+
+This module is preloaded by the forkserver, so it must not create a ZeroMQ
+context at import time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import zmq
+
+from ._chunking import DEFAULT_CHUNK_BYTES
+from ._control import pack_value, unpack_value
+from ._errors import ExecutionCancelledError
+from ._pipeline import PipelineContext, load_config, load_pipeline
+from ._sender import ResultStream
+
+__all__ = ["run_worker"]
+
+logger = logging.getLogger(__name__)
+
+# Messages a worker's PUSH socket queues before a send blocks. With chunks of at
+# most a few MiB this bounds the bytes waiting for the server; arbitrary.
+WORKER_SNDHWM = 4
+
+# How long closing the data socket may wait to hand queued chunks to the
+# server, in milliseconds. Past it the remaining chunks are dropped and the
+# server reports the result incomplete.
+WORKER_LINGER_MS = 60_000
+
+# Seconds one send may block on a full queue before the pipeline fails. The
+# server's ingest thread drains continuously, so only a dead server blocks
+# this long.
+WORKER_SEND_TIMEOUT = 600.0
+
+
+class _PipeReporter:
+    """Sends msgpack maps to the executor; safe to call from several threads."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        data = pack_value(event)
+        with self._lock:
+            self._conn.send_bytes(data)
+
+
+def _listen_for_cancel(conn: Connection, cancel_event: threading.Event) -> None:
+    # A closed pipe means the server went away, which also means: stop.
+    while True:
+        try:
+            message = unpack_value(conn.recv_bytes())
+        except (EOFError, OSError):
+            cancel_event.set()
+            return
+        if isinstance(message, dict) and message.get("kind") == "cancel":
+            cancel_event.set()
+
+
+def run_worker(job_bytes: bytes, conn: Connection) -> None:
+    """Run the job described by ``job_bytes`` and report over ``conn``.
+
+    ``job_bytes`` is a packed map with ``exec_id``, ``pipeline``, ``config``,
+    ``data_endpoint`` and optional ``chunk_bytes`` and ``compression``.
+    Returns after the result stream was flushed to the server (or its linger
+    time passed) and ``finished`` was sent.
+    """
+    job = unpack_value(job_bytes)
+    exec_id: str = job["exec_id"]
+    report = _PipeReporter(conn)
+    cancel_event = threading.Event()
+    threading.Thread(
+        target=_listen_for_cancel, args=(conn, cancel_event), name="cancel-listener", daemon=True
+    ).start()
+
+    context = zmq.Context()
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.SNDHWM, WORKER_SNDHWM)
+    socket.connect(job["data_endpoint"])
+    try:
+        stream = ResultStream(
+            socket,
+            exec_id,
+            compression=job.get("compression"),
+            chunk_bytes=job.get("chunk_bytes") or DEFAULT_CHUNK_BYTES,
+            timeout=WORKER_SEND_TIMEOUT,
+        )
+        report({"kind": "started"})
+        ctx = PipelineContext(exec_id, stream, report, cancel_event)
+        status, error = _run_pipeline(ctx, job)
+        stream.close(status, error)
+    finally:
+        # Closing with a linger hands queued chunks to the server before
+        # "finished" is reported, so the server rarely waits for the stream end.
+        socket.close(linger=WORKER_LINGER_MS)
+        context.term()
+    report({"kind": "finished", "status": status, "error": error})
+
+
+def _run_pipeline(ctx: PipelineContext, job: dict[str, Any]) -> tuple[str, dict[str, str] | None]:
+    try:
+        function = load_pipeline(job["pipeline"])
+        config = load_config(job.get("config"))
+        result = function(ctx, config)
+        _send_return_value(ctx, result)
+    except ExecutionCancelledError:
+        return "cancelled", None
+    except Exception as exc:
+        if ctx.cancelled:
+            return "cancelled", None
+        return "failed", {
+            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "message": str(exc),
+            "traceback": traceback.format_exc(),
+        }
+    return ("cancelled" if ctx.cancelled else "completed"), None
+
+
+def _send_return_value(ctx: PipelineContext, result: Any) -> None:
+    if inspect.isgenerator(result):
+        for index, item in enumerate(result):
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(
+                    f"pipeline generator item {index} is {type(item).__name__}, "
+                    "expected a (name, ndarray) pair"
+                )
+            ctx.send_array(item[0], item[1])
+            ctx.check_cancelled()
+    elif isinstance(result, np.ndarray):
+        ctx.send_array("return", result)
+    elif result is not None:
+        ctx.set_value("return", result)
