@@ -115,7 +115,7 @@ def test_memmap_sink_uncompressed(benchmark: Any, tmp_path: Path) -> None:
 
 def _zarr_sink(root: Path, compressors: Any) -> Callable[[], Any]:
     paths = iter(range(100))
-    return lambda: ZarrSink(root / f"stack{next(paths)}.zarr", compressors=compressors)
+    return lambda: ZarrSink(root / f"stack{next(paths)}.zarr", compressor=compressors)
 
 
 def test_zarr_sink_uncompressed(benchmark: Any, tmp_path: Path) -> None:

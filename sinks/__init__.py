@@ -24,6 +24,7 @@ from ._registry import (
     ENTRY_POINT_GROUP,
     available_sinks,
     register_sink,
+    resolve_result_sink,
     resolve_sink,
     resolve_sinks,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ZarrSink",
     "available_sinks",
     "register_sink",
+    "resolve_result_sink",
     "resolve_sink",
     "resolve_sinks",
 ]

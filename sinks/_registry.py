@@ -145,12 +145,29 @@ def resolve_sinks(sink: object, names: Sequence[str]) -> dict[str, Sink]:
             f"arrive ({', '.join(names)}); pass a mapping of result name to sink, a sink "
             "name, or a path"
         )
+    return {n: resolve_result_sink(sink, n) for n in names}
+
+
+def resolve_result_sink(sink: object, name: str) -> Sink:
+    """Return the sink for result ``name`` of a fetch that may carry several results.
+
+    Paths get per-result targets even when ``name`` turns out to be the only
+    result, so the layout never depends on how many results have arrived:
+    ``out.npy`` becomes ``out.<name>.npy`` and ``out.zarr`` a group holding
+    the array ``<name>``. Other arguments resolve as in :func:`resolve_sink`.
+    """
+    _check_result_name(name)
+    if isinstance(sink, Sink):
+        raise SinkConfigError(
+            f"one {type(sink).__name__} instance stores one result, but this fetch may carry "
+            "several; pass a mapping of result name to sink, a sink name, or a path"
+        )
     if isinstance(sink, str | os.PathLike) and _looks_like_path(os.fspath(sink)):
         path = Path(sink)
         if path.suffix.lower() == ".npy":
-            return {n: MemmapSink(path.with_name(f"{path.stem}.{n}{path.suffix}")) for n in names}
-        return {n: _from_path(path, array_path=n) for n in names}
-    return {n: resolve_sink(sink, spec_name=n) for n in names}
+            return MemmapSink(path.with_name(f"{path.stem}.{name}{path.suffix}"))
+        return _from_path(path, array_path=name)
+    return resolve_sink(sink, spec_name=name)
 
 
 def _from_mapping(sinks: Mapping[Any, Any], names: Sequence[str]) -> dict[str, Sink]:

@@ -2,8 +2,9 @@
 
 The rules are those of :func:`sinks.resolve_sinks` (one argument, one sink per
 result name). A fetch does not always know every result name in advance (a
-live fetch learns them as the pipeline declares them), so the factory resolves
-names as they arrive and derives per-result paths once a second result shows up.
+live fetch learns them as the pipeline declares them). Then every result gets
+its per-result target from the start (``out.<name>.npy``, ``out.zarr/<name>``),
+so the layout does not depend on when the fetch began.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sinks import ArraySpec, Sink, resolve_sink, resolve_sinks
+from sinks import ArraySpec, Sink, resolve_result_sink, resolve_sink, resolve_sinks
 
 __all__ = ["SinkArgument", "make_sink_factory"]
 
@@ -26,7 +27,9 @@ def make_sink_factory(
     ``known_names`` are the result names the fetch will carry, when known;
     with several of them, a path argument such as ``out.npy`` becomes
     ``out.<name>.npy`` per result (see :func:`sinks.resolve_sinks`). Without
-    them, the first result gets the path as given and later ones derived paths.
+    them, every result gets its per-result target, one result alone included
+    (see :func:`sinks.resolve_result_sink`); a single Sink instance is used
+    for the first result only.
 
     Raises
     ------
@@ -36,14 +39,12 @@ def make_sink_factory(
     resolved: dict[str, Sink] = {}
     if known_names:
         resolved = resolve_sinks(sink, list(known_names))
-    seen: list[str] = []
 
     def sink_for(spec: ArraySpec) -> Sink:
-        seen.append(spec.name)
         if spec.name in resolved:
             return resolved.pop(spec.name)
-        if len(seen) == 1:
+        if isinstance(sink, Sink):
             return resolve_sink(sink, spec_name=spec.name)
-        return resolve_sinks(sink, [seen[0], spec.name])[spec.name]
+        return resolve_result_sink(sink, spec.name)
 
     return sink_for

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zmq
 
-from sinks import ArraySpec, MemorySink, Sink
+from sinks import ArraySpec, MemorySink, Region, Sink
 from zmqruntime import (
     ChunkReceived,
     Compression,
@@ -310,3 +310,32 @@ def test_stream_without_timeout_waits_for_release(push_pull: Pair, run_sender: A
     sender.join()
 
     np.testing.assert_array_equal(received, array)
+
+
+def test_sink_factory_live_zarr_path_groups_results(tmp_path: Any) -> None:
+    from zmqruntime._sinkfactory import make_sink_factory
+
+    sink_for = make_sink_factory(str(tmp_path / "live.zarr"))
+    values = {}
+    for name in ("first", "second"):
+        spec = ArraySpec(name, (2, 3), np.dtype("<i4"), (1, 3))
+        sink = sink_for(spec)
+        sink.open(spec)
+        sink.write(Region((0, 0), (2, 3)), np.full((2, 3), len(name), "<i4"))
+        values[name] = sink.finalize((2, 3))
+
+    assert np.asarray(values["first"][:]).tolist() == [[5] * 3] * 2
+    assert np.asarray(values["second"][:]).tolist() == [[6] * 3] * 2
+
+
+def test_sink_factory_live_npy_path_names_every_result(tmp_path: Any) -> None:
+    from zmqruntime._sinkfactory import make_sink_factory
+
+    sink_for = make_sink_factory(str(tmp_path / "live.npy"))
+    spec = ArraySpec("only", (2,), np.dtype("<u1"), (2,))
+    sink = sink_for(spec)
+    sink.open(spec)
+    sink.write(Region((0,), (2,)), np.array([1, 2], "<u1"))
+    sink.finalize((2,))
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.only.npy"]
