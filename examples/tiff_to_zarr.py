@@ -62,7 +62,11 @@ def main() -> None:
 
     with ExecutionClient(port=args.port) as client:
         exec_id = client.execute(PIPELINE, {"path": str(args.tiff.resolve())})
-        array = client.get_results(exec_id, sink=str(args.zarr), progress=True, release=True)
+        # Naming the result up front keeps OUT.zarr itself the array; without
+        # names, a fetch of a running execution writes OUT.zarr/<result name>.
+        array = client.get_results(
+            exec_id, sink=str(args.zarr), names=["stack"], progress=True, release=True
+        )
         print(f"{args.zarr}: {array['stack'].shape} {array['stack'].dtype}")
         if args.shutdown:
             client.shutdown()

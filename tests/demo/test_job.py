@@ -131,7 +131,9 @@ def test_job_ctrl_c_cancels_and_marks_store(tmp_path: Path, server_port: int) ->
     assert "cancelled" in stdout
     status = _root_status(store)
     assert status["complete"] is False
-    assert 0 < status["images_written"] < 384
+    # The counter in the root attributes may lag the first chunk file, which
+    # is what the loop above waited for, so 0 is possible under load.
+    assert status["images_written"] < 384
     HCS.from_zarr(zarr.open_group(store, mode="r"))
 
     # The server is still up, and the execution ends as cancelled (it may
