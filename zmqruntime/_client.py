@@ -279,7 +279,7 @@ class ExecutionClient:
         Raises
         ------
         ExecutionNotFoundError
-            The server knows no such execution.
+            The server has no execution with this id.
         """
         reply = self._request(MessageType.STATUS, {"exec_id": exec_id}, timeout=timeout)
         return ExecutionStatus.from_map(reply)
@@ -287,7 +287,7 @@ class ExecutionClient:
     def list_executions(
         self, states: Sequence[str] | None = None, *, timeout: float | None = None
     ) -> list[ExecutionStatus]:
-        """Return a brief status of every execution the server knows, oldest first."""
+        """Return a brief status of every execution the server has a record of, oldest first."""
         reply = self._request(
             MessageType.LIST, {"states": list(states) if states else None}, timeout=timeout
         )
@@ -303,7 +303,7 @@ class ExecutionClient:
         Raises
         ------
         ExecutionNotFoundError
-            The server knows no such execution.
+            The server has no execution with this id.
         """
         reply = self._request(MessageType.CANCEL, {"exec_id": exec_id}, timeout=timeout)
         return CancelResult.from_map(exec_id, reply)

@@ -112,7 +112,7 @@ class Compression:
         return replace(self, link_bytes_per_s=_LOCAL_LINK_BYTES_PER_S if local else 1.25e9)
 
     def pays_off(self, ratio: float, compress_bytes_per_s: float) -> bool:
-        """Whether compressing beats sending raw, by at least 10 %.
+        """Return whether compressing beats sending raw by at least 10 %.
 
         Sending raw moves ``link`` raw bytes per second. Compressing moves
         ``min(compress speed, ratio * link)``, since compression and sending

@@ -45,7 +45,7 @@ class PipelineLoadError(ZmqRuntimeError, ValueError):
 
 
 def is_pipeline_reference(pipeline: str) -> bool:
-    """Whether ``pipeline`` is a ``"package.module:function"`` reference rather than source."""
+    """Return whether ``pipeline`` is a ``"module:function"`` reference, not source code."""
     return _REFERENCE.match(pipeline.strip()) is not None
 
 

@@ -6,7 +6,7 @@ An uncompressed chunk is received with ``Socket.recv_into`` straight into the
 region the sink exposes, when that region is C-contiguous (memory and memmap
 sinks, with the default row-major chunk grid): no copy in Python at all. A
 compressed chunk is decompressed straight into it. Otherwise one scratch
-buffer of one chunk is used and reused. The receiver holds at most one chunk
+buffer of one chunk is used and reused. The receiver keeps at most one chunk
 beyond what the socket's receive high-water mark queues, never the whole
 array: give the PULL socket a small ``RCVHWM`` (see :data:`DEFAULT_HWM`).
 """

@@ -111,7 +111,7 @@ class ResultStream:
 
         ``shape[0]`` may be None for a result whose length along axis 0 is
         unknown; the writer's :meth:`ResultWriter.append` then extends it. The
-        default chunk grid holds one frame along axis 0 per chunk (or row
+        default chunk grid puts one frame along axis 0 per chunk (or row
         bands of a large frame), matching a producer that writes frame by frame.
         """
         self._check_open()
@@ -203,9 +203,9 @@ class ResultStream:
                 tracker.wait(timeout)
             except zmq.NotDone as exc:
                 raise ZmqTimeoutError(
-                    f"libzmq still holds a chunk of execution {self.exec_id} after "
-                    f"{self.timeout} s sending to {self.endpoint}; is the receiver alive? "
-                    "The buffer may still be read, so do not reuse it"
+                    f"timed out after {self.timeout} s waiting for libzmq to release a chunk of "
+                    f"execution {self.exec_id} sent to {self.endpoint}; check that the receiver "
+                    "is running. libzmq may still read the buffer, so do not reuse it"
                 ) from exc
 
     def _guarded(self, call: Any, *args: Any, **kwargs: Any) -> Any:

@@ -221,9 +221,7 @@ def test_auto_compression_skips_random_data_on_slow_link(push_pull: Pair, run_se
     assert all(e.cbytes == e.nbytes for e in chunks)
 
 
-def test_stream_chunks_of_one_result_may_use_different_codecs(
-    push_pull: Pair, run_sender: Any
-) -> None:
+def test_stream_mixed_codecs_in_one_result(push_pull: Pair, run_sender: Any) -> None:
     push, pull = push_pull
     array = _microscopy_like(frames=4, size=64)
 
