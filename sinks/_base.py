@@ -9,7 +9,7 @@ A sink receives one result. Its life cycle is::
             ... fill dest ...                # e.g. socket.recv_into(dest)
             sink.commit(region)
         else:
-            sink.write(region, data)
+            sink.write(region, data)         # or write_owned(region, data)
     handle = sink.finalize(shape)            # or sink.abort(reason)
 
 A region may also arrive compressed: ``sink.write_encoded(region, payload,
@@ -25,7 +25,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -186,6 +186,12 @@ class Sink(abc.ABC):
       sink class.
     """
 
+    #: True when :meth:`write_owned` stores the data without copying it
+    #: first. A caller that holds memory nobody modifies (a received message
+    #: frame) then hands it to :meth:`write_owned` instead of filling
+    #: :meth:`destination`, which saves one copy.
+    takes_ownership: ClassVar[bool] = False
+
     @abc.abstractmethod
     def open(self, spec: ArraySpec) -> None:
         """Prepare storage for the array ``spec`` declares."""
@@ -209,6 +215,18 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     def write(self, region: Region, data: npt.NDArray[Any]) -> None:
         """Copy ``data`` (shape ``region.shape``) into the region; the caller keeps ``data``."""
+
+    def write_owned(self, region: Region, data: npt.NDArray[Any]) -> None:
+        """Store ``data`` (shape ``region.shape``), taking over its memory.
+
+        Unlike :meth:`write`, the caller hands ``data`` over: it never modifies
+        or reuses that memory afterwards, so the sink may keep a reference and
+        store the data later, for example from a background thread, without
+        copying it first. ``data`` may be read-only. A failure of such a
+        deferred store is raised by a later region call or by
+        :meth:`finalize`. The default calls :meth:`write`.
+        """
+        self.write(region, data)
 
     def write_encoded(self, region: Region, payload: memoryview, encoding: ChunkEncoding) -> bool:
         """Store already-compressed bytes as they are, if this sink can.

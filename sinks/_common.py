@@ -162,3 +162,23 @@ def default_fill_value(dtype: np.dtype[Any]) -> Any:
     if dtype.kind == "m":
         return np.full((), np.timedelta64("NaT"), dtype=dtype)[()]
     return np.zeros((), dtype=dtype)[()]
+
+
+def contiguous_start(region: Region, shape: tuple[int, ...]) -> int | None:
+    """Flat C-order index where ``region`` starts, if it is one contiguous run of ``shape``.
+
+    A region is contiguous when, after its first axis longer than 1, it spans
+    every later axis in full (whole frames, or whole rows of one frame).
+    Returns None otherwise.
+    """
+    seen_long_axis = False
+    for lo, hi, length in zip(region.start, region.stop, shape, strict=True):
+        if seen_long_axis and (lo != 0 or hi != length):
+            return None
+        if hi - lo > 1:
+            seen_long_axis = True
+
+    index = 0
+    for lo, length in zip(region.start, shape, strict=True):
+        index = index * length + lo
+    return index

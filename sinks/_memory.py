@@ -19,6 +19,7 @@ from ._common import (
     grown_length,
     region_view,
 )
+from ._prefault import Prefaulter, allocate_zeroed
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ class MemorySink(Sink):
 
     :meth:`destination` returns a view of the array, so a receiver's
     ``recv_into`` writes straight into the result without an extra copy.
-    Unwritten elements are zero.
+    Unwritten elements are zero. A fixed-shape result of 64 MiB or more is
+    backed by an anonymous mapping whose pages a background thread faults in
+    ahead of the receiver; the thread stops at :meth:`finalize` or
+    :meth:`abort`.
 
     Parameters
     ----------
@@ -67,6 +71,7 @@ class MemorySink(Sink):
         self._generation = 0
         self._pending: dict[Region, tuple[int, npt.NDArray[Any]]] = {}
         self._extent = 0
+        self._prefaulter: Prefaulter | None = None
 
     @property
     def array(self) -> npt.NDArray[Any]:
@@ -89,9 +94,13 @@ class MemorySink(Sink):
 
         shape = spec.initial_shape()
         if spec.growable:
+            # np.zeros maps fresh zero pages lazily, so untouched capacity costs no RAM.
             shape = (max(spec.chunks[0], 1), *shape[1:])
-        # np.zeros maps fresh zero pages lazily, so untouched capacity costs no RAM.
-        self._array = np.zeros(shape, dtype=spec.dtype)
+            self._array = np.zeros(shape, dtype=spec.dtype)
+            return
+        # A fixed-shape result is written in full, so its pages are faulted in
+        # ahead of the receiver (see _prefault for the measured difference).
+        self._array, self._prefaulter = allocate_zeroed(shape, spec.dtype)
 
     def destination(self, region: Region) -> npt.NDArray[Any]:
         """Return the view of ``region`` in the result array.
@@ -134,6 +143,7 @@ class MemorySink(Sink):
         spec = self._require_spec()
         check_final_shape(spec, tuple(shape), self._extent, type(self).__name__)
         self._drop_pending("finalize")
+        self._stop_prefault()
 
         if spec.growable:
             self._trim(shape[0])
@@ -147,11 +157,17 @@ class MemorySink(Sink):
         if self._lifecycle.state is not State.OPEN:
             return
         self._drop_pending("abort")
+        self._stop_prefault()
         spec = self._spec
         if spec is not None and spec.growable:
             self._trim(self._extent)
         logger.info("memory sink aborted: %s", reason)
         self._lifecycle.end(State.ABORTED)
+
+    def _stop_prefault(self) -> None:
+        if self._prefaulter is not None:
+            self._prefaulter.stop()
+            self._prefaulter = None
 
     def _require_spec(self) -> ArraySpec:
         assert self._spec is not None, "open() sets the spec before the state becomes OPEN"

@@ -7,8 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -33,7 +32,16 @@ from ._common import (
     default_fill_value,
     grown_length,
 )
-from ._zarr_support import ChunkLocks, ScratchPool, blosc1_header_matches, store_identity
+from ._direct import DIRECT_MIN_BYTES
+from ._zarr_direct import DirectChunkWriter
+from ._zarr_support import (
+    ChunkLocks,
+    ChunkPlan,
+    ScratchPool,
+    blosc1_header_matches,
+    plan_region,
+    store_identity,
+)
 
 if TYPE_CHECKING:
     import zarr
@@ -48,20 +56,6 @@ __all__ = ["ZarrSink"]
 _CHUNK_LOCKS = ChunkLocks(stripes=256)
 
 _DEFAULT_MAX_PENDING_BYTES = 64 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class _ChunkPlan:
-    """How a region maps onto exactly one zarr chunk.
-
-    ``kind`` is ``"whole"`` when the region is the full chunk, ``"tail"`` when
-    only axis 0 ends early (the region is the contiguous front of the chunk),
-    and ``"padded"`` for other edge chunks, which are copied into a full chunk
-    before encoding.
-    """
-
-    coords: tuple[int, ...]
-    kind: Literal["whole", "tail", "padded"]
 
 
 class ZarrSink(Sink):
@@ -100,6 +94,13 @@ class ZarrSink(Sink):
         and :meth:`destination` blocks while all of them wait to be written.
     write_threads:
         Threads that encode and store chunks in the background.
+    direct_io:
+        For a store on the local file system, write whole chunk files with
+        ``O_DIRECT``, past the page cache, through a temporary file renamed
+        into place (see ``sinks/_direct.py`` for the measurements). None (the
+        default) does so for results of 256 MiB or more; True for any size;
+        False never. Other stores, and file systems without ``O_DIRECT``,
+        always go through ``store.set``.
 
     Notes
     -----
@@ -127,6 +128,8 @@ class ZarrSink(Sink):
     chunks (the default when zarr chunks equal ``spec.chunks``).
     """
 
+    takes_ownership = True
+
     def __init__(
         self,
         store_or_path: StoreLike,
@@ -139,6 +142,7 @@ class ZarrSink(Sink):
         shards: Sequence[int] | None = None,
         max_pending_bytes: int = _DEFAULT_MAX_PENDING_BYTES,
         write_threads: int = 1,
+        direct_io: bool | None = None,
     ) -> None:
         if write_threads < 1:
             raise SinkConfigError(f"write_threads={write_threads} must be at least 1")
@@ -151,6 +155,8 @@ class ZarrSink(Sink):
         self.shards = None if shards is None else tuple(shards)
         self.max_pending_bytes = max_pending_bytes
         self.write_threads = write_threads
+        self.direct_io = direct_io
+        self._direct: DirectChunkWriter | None = None
 
         self._lifecycle = Lifecycle(type(self).__name__)
         self._lock = threading.Lock()
@@ -168,7 +174,7 @@ class ZarrSink(Sink):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._jobs: set[concurrent.futures.Future[None]] = set()
         self._error: BaseException | None = None
-        self._pending: dict[Region, tuple[_ChunkPlan, npt.NDArray[np.uint8], npt.NDArray[Any]]] = {}
+        self._pending: dict[Region, tuple[ChunkPlan, npt.NDArray[np.uint8], npt.NDArray[Any]]] = {}
 
     @property
     def array(self) -> zarr.Array[Any]:
@@ -195,6 +201,8 @@ class ZarrSink(Sink):
         self._copy_before_store = not internals.writes_through(store)
         self._fast_path = self.shards is None and internals.chunk_io_supported()
         self._verbatim = self._find_verbatim_encoding(spec) if self._fast_path else None
+        if self._fast_path and self._wants_direct(spec):
+            self._direct = DirectChunkWriter.for_store(store)
 
         chunk_nbytes = int(np.prod(self._chunk_shape, dtype=np.int64)) * spec.dtype.itemsize
         # Blosc1 adds at most 16 bytes to incompressible data, so a buffer of
@@ -262,6 +270,29 @@ class ZarrSink(Sink):
             np.copyto(view, data, casting="same_kind")
             self._submit(self._store_plan, plan, region, buffer, view)
 
+        with self._lock:
+            self._extent = max(self._extent, region.stop[0] if region.stop else 0)
+
+    def write_owned(self, region: Region, data: npt.NDArray[Any]) -> None:
+        """Store ``data`` for ``region``, encoding it in the background without a copy.
+
+        Applies to a region that is one whole chunk of data in the array's
+        dtype; any other region goes through :meth:`write`. The sink keeps a
+        reference to ``data`` until its chunk is stored. May block while
+        ``max_pending_bytes`` of chunks are queued.
+        """
+        spec = self._checked_region(region, "write_owned")
+        check_data(region, data, spec.name)
+        plan = self._plan(spec, region)
+        whole = plan is not None and plan.kind == "whole"
+        if not whole or data.dtype != spec.dtype or self.array.dtype != spec.dtype:
+            self.write(region, data)
+            return
+
+        assert plan is not None
+        # The scratch buffer is not used; holding one bounds the queued chunks.
+        token = self._require_pool().acquire()
+        self._submit(self._store_owned, plan, data, token)
         with self._lock:
             self._extent = max(self._extent, region.stop[0] if region.stop else 0)
 
@@ -335,6 +366,12 @@ class ZarrSink(Sink):
         self._close(reason)
 
     # Steps of open().
+
+    def _wants_direct(self, spec: ArraySpec) -> bool:
+        if self.direct_io is not None:
+            return self.direct_io
+        total = int(np.prod(spec.initial_shape(), dtype=np.int64)) * spec.dtype.itemsize
+        return spec.growable or total >= DIRECT_MIN_BYTES
 
     def _resolve_chunks(self, spec: ArraySpec) -> tuple[int, ...]:
         chunks = self.chunks if self.chunks is not None else spec.chunks
@@ -430,35 +467,14 @@ class ZarrSink(Sink):
                 self._capacity = rows
             return spec
 
-    def _plan(self, spec: ArraySpec, region: Region) -> _ChunkPlan | None:
+    def _plan(self, spec: ArraySpec, region: Region) -> ChunkPlan | None:
         """Return how ``region`` maps onto one zarr chunk, or None if it does not."""
         if not self._fast_path or region.size == 0:
             return None
-        shape = self.array.shape
-        coords: list[int] = []
-        short_axes: list[int] = []
-        for axis, chunk in enumerate(self._chunk_shape):
-            start, stop = region.start[axis], region.stop[axis]
-            if start % chunk != 0:
-                return None
-            if stop - start == chunk:
-                pass
-            elif stop - start < chunk and stop == shape[axis] and not (spec.growable and axis == 0):
-                # Only a true edge of a fixed axis may be short: padding it
-                # with the fill value cannot overwrite another region.
-                short_axes.append(axis)
-            else:
-                return None
-            coords.append(start // chunk)
-
-        if not short_axes:
-            return _ChunkPlan(tuple(coords), "whole")
-        if short_axes == [0]:
-            return _ChunkPlan(tuple(coords), "tail")
-        return _ChunkPlan(tuple(coords), "padded")
+        return plan_region(region, self._chunk_shape, self.array.shape, spec.growable)
 
     def _scratch_view(
-        self, spec: ArraySpec, plan: _ChunkPlan, region: Region, buffer: npt.NDArray[np.uint8]
+        self, spec: ArraySpec, plan: ChunkPlan, region: Region, buffer: npt.NDArray[np.uint8]
     ) -> npt.NDArray[Any]:
         """Return the part of ``buffer`` reserved for ``region``, as an array of ``spec.dtype``."""
         if plan.kind == "padded":
@@ -493,7 +509,7 @@ class ZarrSink(Sink):
 
     def _store_plan(
         self,
-        plan: _ChunkPlan,
+        plan: ChunkPlan,
         region: Region,
         buffer: npt.NDArray[np.uint8],
         view: npt.NDArray[Any],
@@ -518,20 +534,40 @@ class ZarrSink(Sink):
                     # An uncompressed encoding can be a view of the reused scratch buffer.
                     aliased = np.may_share_memory(encoded.as_numpy_array(), buffer)
                     copy = self._copy_before_store and aliased
-                    internals.store_chunk(array, plan.coords, encoded, copy=copy)
+                    self._put_chunk(plan.coords, encoded, copy=copy)
         finally:
             self._require_pool().release(buffer, job_done=True)
 
-    def _store_verbatim(self, plan: _ChunkPlan, buffer: npt.NDArray[np.uint8], length: int) -> None:
+    def _store_owned(
+        self, plan: ChunkPlan, data: npt.NDArray[Any], token: npt.NDArray[np.uint8]
+    ) -> None:
+        """Encode and store a whole chunk the caller handed over; runs in a writer thread."""
+        try:
+            array = self.array
+            chunk = np.ascontiguousarray(data).reshape(self._chunk_shape)
+            with _CHUNK_LOCKS.hold(self._store_id, array.store_path.path, [plan.coords]):
+                encoded = internals.encode_chunk(array, plan.coords, chunk)
+                if encoded is not None:
+                    # Nobody modifies owned data, so even an aliasing encoding is safe to keep.
+                    self._put_chunk(plan.coords, encoded, copy=False)
+        finally:
+            self._require_pool().release(token, job_done=True)
+
+    def _store_verbatim(self, plan: ChunkPlan, buffer: npt.NDArray[np.uint8], length: int) -> None:
         """Store ``length`` bytes of ``buffer`` as they are; runs in a writer thread."""
         try:
             array = self.array
             with _CHUNK_LOCKS.hold(self._store_id, array.store_path.path, [plan.coords]):
-                internals.store_chunk(
-                    array, plan.coords, buffer[:length], copy=self._copy_before_store
-                )
+                self._put_chunk(plan.coords, buffer[:length], copy=self._copy_before_store)
         finally:
             self._require_pool().release(buffer, job_done=True)
+
+    def _put_chunk(self, coords: tuple[int, ...], data: Any, *, copy: bool) -> None:
+        """Store encoded chunk bytes, past the page cache where the store allows it."""
+        direct = self._direct
+        if direct is not None and direct.put(internals.chunk_store_key(self.array, coords), data):
+            return
+        internals.store_chunk(self.array, coords, data, copy=copy)
 
     def _write_through_zarr(self, region: Region, data: npt.NDArray[Any]) -> None:
         """Write ``region`` with zarr's indexing, holding the locks of the units it touches."""
@@ -578,6 +614,9 @@ class ZarrSink(Sink):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
     # Small accessors.
 

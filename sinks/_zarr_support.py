@@ -7,11 +7,14 @@ import itertools
 import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from ._base import Region
 
 # Blosc1 chunk header: version, versionlz, flags, typesize (1 byte each), then
 # nbytes, blocksize, cbytes (uint32 little-endian). Source: c-blosc 1.x README_HEADER.rst.
@@ -146,3 +149,44 @@ class ScratchPool:
             else:
                 self._free.append(buffer)
             self._condition.notify()
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPlan:
+    """How a region maps onto exactly one zarr chunk.
+
+    ``kind`` is ``"whole"`` when the region is the full chunk, ``"tail"`` when
+    only axis 0 ends early (the region is the contiguous front of the chunk),
+    and ``"padded"`` for other edge chunks, which are copied into a full chunk
+    before encoding.
+    """
+
+    coords: tuple[int, ...]
+    kind: Literal["whole", "tail", "padded"]
+
+
+def plan_region(
+    region: Region, chunk_shape: tuple[int, ...], shape: tuple[int, ...], growable: bool
+) -> ChunkPlan | None:
+    """Return how ``region`` of an array of ``shape`` maps onto one chunk, or None."""
+    coords: list[int] = []
+    short_axes: list[int] = []
+    for axis, chunk in enumerate(chunk_shape):
+        start, stop = region.start[axis], region.stop[axis]
+        if start % chunk != 0:
+            return None
+        if stop - start == chunk:
+            pass
+        elif stop - start < chunk and stop == shape[axis] and not (growable and axis == 0):
+            # Only a true edge of a fixed axis may be short: padding it
+            # with the fill value cannot overwrite another region.
+            short_axes.append(axis)
+        else:
+            return None
+        coords.append(start // chunk)
+
+    if not short_axes:
+        return ChunkPlan(tuple(coords), "whole")
+    if short_axes == [0]:
+        return ChunkPlan(tuple(coords), "tail")
+    return ChunkPlan(tuple(coords), "padded")

@@ -49,7 +49,7 @@ __all__ = [
     "stream",
 ]
 
-Mode = Literal["destination", "write", "alternate"]
+Mode = Literal["destination", "write", "owned", "alternate"]
 
 # One dtype per family and byte order a sink must store exactly.
 DTYPE_CASES: dict[str, np.dtype[Any]] = {
@@ -237,7 +237,8 @@ def stream(
 
     ``regions`` defaults to the grid of ``spec.chunks`` in C order. ``mode``
     picks :meth:`Sink.destination` (falling back to :meth:`Sink.write` on
-    None), :meth:`Sink.write`, or both in turn. With ``encoding`` every region
+    None), :meth:`Sink.write`, :meth:`Sink.write_owned` with a read-only
+    copy of each block, or destination and write in turn. With ``encoding`` every region
     is first offered compressed to :meth:`Sink.write_encoded`. With
     ``finalize=False`` the sink is left open and None is returned.
     """
@@ -251,6 +252,11 @@ def stream(
             payload = encode_region(block, encoding)
             if sink.write_encoded(region, memoryview(payload), encoding):
                 continue
+        if mode == "owned":
+            owned = block.copy()
+            owned.flags.writeable = False
+            sink.write_owned(region, owned)
+            continue
         use_write = mode == "write" or (mode == "alternate" and position % 2 == 1)
         dest = None if use_write else sink.destination(region)
         if dest is None:
@@ -293,7 +299,7 @@ class SinkConformance:
     def _check(self, handle: Any, expected: npt.NDArray[Any]) -> None:
         assert_same_values(self.to_numpy(handle), expected, exact_dtype=self.exact_dtype)
 
-    @pytest.mark.parametrize("mode", ["destination", "write"])
+    @pytest.mark.parametrize("mode", ["destination", "write", "owned"])
     @pytest.mark.parametrize("dtype", list(DTYPE_CASES.values()), ids=list(DTYPE_CASES))
     def test_dtype_roundtrip(
         self, make_sink: Callable[[], Sink], dtype: np.dtype[Any], mode: Mode

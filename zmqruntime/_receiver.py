@@ -3,12 +3,15 @@
 Copies and memory
 -----------------
 An uncompressed chunk is received with ``Socket.recv_into`` straight into the
-region the sink exposes, when that region is C-contiguous (memory and memmap
-sinks, with the default row-major chunk grid): no copy in Python at all. A
-compressed chunk is decompressed straight into it. Otherwise one scratch
-buffer of one chunk is used and reused. The receiver keeps at most one chunk
-beyond what the socket's receive high-water mark queues, never the whole
-array: give the PULL socket a small ``RCVHWM`` (see :data:`DEFAULT_HWM`).
+region the sink exposes, when that region is C-contiguous (the memory sink,
+with the default row-major chunk grid): one copy, out of libzmq's message. A
+sink whose ``takes_ownership`` is set (memmap, zarr) is handed the received
+frame itself through ``Sink.write_owned`` and stores it from there, often in
+a background thread. A compressed chunk is decompressed straight into the
+region. Otherwise one scratch buffer of one chunk is used and reused. The
+receiver holds at most what the socket's receive high-water mark queues plus
+what the sink queues (bounded by the sink's ``max_pending_bytes``), never the
+whole array: give the PULL socket a small ``RCVHWM`` (see :data:`DEFAULT_HWM`).
 """
 
 from __future__ import annotations
@@ -256,6 +259,9 @@ class StreamReceiver:
         return state
 
     def _receive_raw(self, state: _ResultState, header: ChunkHeader, region: Region) -> None:
+        if state.sink.takes_ownership:
+            self._receive_owned(state, header, region)
+            return
         dest = state.sink.destination(region)
         target = dest if dest is not None and dest.flags.c_contiguous else None
         buffer = byte_view(target) if target is not None else self._scratch_bytes(header.nbytes)
@@ -269,16 +275,15 @@ class StreamReceiver:
         self._expect_no_more_frames(header)
         self._store(state, region, dest, target, buffer)
 
+    def _receive_owned(self, state: _ResultState, header: ChunkHeader, region: Region) -> None:
+        """Hand the received frame itself to the sink: libzmq's buffer is never reused."""
+        payload = self._recv_checked_payload(header, header.nbytes)
+        block = np.frombuffer(payload, np.uint8).view(state.spec.dtype).reshape(region.shape)
+        state.sink.write_owned(region, block)
+
     def _receive_compressed(self, state: _ResultState, header: ChunkHeader, region: Region) -> None:
         assert header.encoding is not None
-        frame = self._recv_payload_frame()
-        payload = memoryview(frame.buffer)
-        if len(payload) != header.cbytes:
-            raise PayloadSizeError(
-                f"payload of chunk {header.seq} of result {header.name!r} has {len(payload)} "
-                f"bytes, its header states {header.cbytes}"
-            )
-        self._expect_no_more_frames(header)
+        payload = self._recv_checked_payload(header, header.cbytes)
 
         if state.sink.write_encoded(region, payload, header.encoding):
             return
@@ -287,6 +292,18 @@ class StreamReceiver:
         buffer = byte_view(target) if target is not None else self._scratch_bytes(header.nbytes)
         decompress_into(payload, header.encoding, header.nbytes, memoryview(cast(Any, buffer)))
         self._store(state, region, dest, target, buffer)
+
+    def _recv_checked_payload(self, header: ChunkHeader, expected: int) -> memoryview:
+        """Receive a chunk's payload frame without copying and check its length."""
+        frame = self._recv_payload_frame()
+        payload = memoryview(frame.buffer)
+        if len(payload) != expected:
+            raise PayloadSizeError(
+                f"payload of chunk {header.seq} of result {header.name!r} has {len(payload)} "
+                f"bytes, its header states {expected}"
+            )
+        self._expect_no_more_frames(header)
+        return payload
 
     def _store(
         self,

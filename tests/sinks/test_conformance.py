@@ -37,6 +37,15 @@ class TestMemmapSink(SinkConformance):
         return np.load(sink.path)
 
 
+class TestMemmapSinkDirectIO(TestMemmapSink):
+    """The same rules with O_DIRECT writes for every block-aligned region."""
+
+    @pytest.fixture
+    def make_sink(self, tmp_path: Path) -> Callable[[], Sink]:
+        counter = itertools.count()
+        return lambda: MemmapSink(tmp_path / f"direct-{next(counter)}.npy", direct_io=True)
+
+
 # zarr 3.1 warns that fixed-length strings, structured and void dtypes are not
 # yet in the zarr v3 specification; the suite stores them on purpose.
 @pytest.mark.filterwarnings("ignore::zarr.errors.UnstableSpecificationWarning")
@@ -54,6 +63,25 @@ class TestZarrSink(SinkConformance):
     def read_partial(self, sink: Sink) -> npt.NDArray[Any] | None:
         assert isinstance(sink, ZarrSink)
         return np.asarray(zarr.open_array(sink.store_or_path, mode="r")[...])
+
+
+@pytest.mark.filterwarnings("ignore::zarr.errors.UnstableSpecificationWarning")
+class TestZarrSinkDirectIO(TestZarrSink):
+    """The same rules with chunk files written by O_DIRECT, compressed and not."""
+
+    @pytest.fixture(params=["default", None])
+    def make_sink(self, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[], Sink]:
+        counter = itertools.count()
+        return lambda: ZarrSink(
+            tmp_path / f"direct-{next(counter)}.zarr",
+            path="data",
+            compressor=request.param,
+            direct_io=True,
+        )
+
+    def read_partial(self, sink: Sink) -> npt.NDArray[Any] | None:
+        assert isinstance(sink, ZarrSink)
+        return np.asarray(sink.array[...])
 
 
 @pytest.mark.filterwarnings("ignore::zarr.errors.UnstableSpecificationWarning")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sinks import ArraySpec, MemmapSink, Region, SinkConfigError
+from sinks import ArraySpec, MemmapSink, Region, SinkConfigError, SinkWriteError
+from sinks._direct import ALIGN, open_direct
 from sinks.testing import grid_regions, sample_array, stream
 
 
@@ -43,9 +46,7 @@ def test_memmap_sink_partial_edge_chunk(tmp_path: Path) -> None:
     sink = MemmapSink(path)
     sink.open(spec)
 
-    dest = sink.destination(edge)
-    dest[...] = [[1, 2, 3]]
-    sink.commit(edge)
+    sink.write(edge, np.array([[1, 2, 3]], "<i4"))
     sink.finalize((5, 7))
 
     loaded = np.load(path)
@@ -54,16 +55,66 @@ def test_memmap_sink_partial_edge_chunk(tmp_path: Path) -> None:
     assert (loaded[4, :4] == 0).all()
 
 
-def test_memmap_sink_destination_is_file_backed_slice(tmp_path: Path) -> None:
+def test_memmap_sink_destination_is_none_so_writes_use_pwrite(tmp_path: Path) -> None:
     spec = ArraySpec("frames", (3, 8, 8), np.dtype("<u2"), (1, 8, 8))
     sink = MemmapSink(tmp_path / "frames.npy")
     sink.open(spec)
 
     dest = sink.destination(Region((1, 0, 0), (2, 8, 8)))
 
-    assert isinstance(dest, np.memmap)
-    assert dest.flags.c_contiguous
+    assert dest is None
     sink.abort("test over")
+
+
+def test_memmap_sink_write_owned_queues_then_finalize_writes_all(tmp_path: Path) -> None:
+    spec = ArraySpec("frames", (6, 16, 16), np.dtype("<f4"), (1, 16, 16))
+    data = np.arange(6 * 16 * 16, dtype="<f4").reshape(6, 16, 16)
+    # A bound below one frame makes every write_owned wait for the one before.
+    sink = MemmapSink(tmp_path / "frames.npy", max_pending_bytes=100)
+    sink.open(spec)
+
+    for i in range(6):
+        block = data[i : i + 1].copy()
+        block.flags.writeable = False
+        sink.write_owned(Region((i, 0, 0), (i + 1, 16, 16)), block)
+    result = sink.finalize((6, 16, 16))
+
+    np.testing.assert_array_equal(result, data)
+
+
+def test_memmap_sink_write_owned_failure_surfaces_at_finalize(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = ArraySpec("frames", (2, 4), np.dtype("<u1"), (1, 4))
+    sink = MemmapSink(tmp_path / "frames.npy")
+    sink.open(spec)
+
+    def disk_full(fd: int, data: object, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # A full disk cannot be made here, so the queued pwrite is made to fail like one.
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    sink.write_owned(Region((0, 0), (1, 4)), np.ones((1, 4), "<u1"))
+
+    with pytest.raises(SinkWriteError, match="queued write"):
+        sink.finalize((2, 4))
+
+
+def test_memmap_sink_fsyncs_only_when_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
+    spec = ArraySpec("x", (2, 4), np.dtype("<u1"), (1, 4))
+    data = np.ones((2, 4), "<u1")
+
+    stream(MemmapSink(tmp_path / "fast.npy"), spec, data, mode="owned")
+    fsyncs_default = len(calls)
+    stream(MemmapSink(tmp_path / "durable.npy", durable=True), spec, data, mode="owned")
+
+    assert fsyncs_default == 0
+    assert len(calls) == 1
 
 
 def test_memmap_sink_existing_file_without_overwrite_raises(tmp_path: Path) -> None:
@@ -167,16 +218,66 @@ def test_memmap_sink_anonymous_memory_stays_flat(tmp_path: Path) -> None:
     frame = (512, 1024)  # 2 MiB of uint32 per frame, 128 MiB in total
     frames = 64
     spec = ArraySpec("big", (None, *frame), np.dtype("<u4"), (1, *frame))
-    sink = MemmapSink(tmp_path / "big.npy")
+    # Queued owned frames are anonymous memory; a small bound keeps them few.
+    sink = MemmapSink(tmp_path / "big.npy", max_pending_bytes=4 << 20)
     sink.open(spec)
     before = _anonymous_rss_bytes()
 
     for i in range(frames):
         region = Region((i, 0, 0), (i + 1, *frame))
-        sink.destination(region).fill(i)
-        sink.commit(region)
+        sink.write_owned(region, np.full((1, *frame), i, "<u4"))
     after = _anonymous_rss_bytes()
     result = sink.finalize((frames, *frame))
 
     assert after - before < 32 << 20
     assert int(result[frames - 1, 5, 5]) == frames - 1
+
+
+def _direct_supported(directory: Path) -> bool:
+    fd = open_direct(directory / "probe", os.O_WRONLY | os.O_CREAT)
+    if fd is None:
+        return False
+    os.close(fd)
+    (directory / "probe").unlink()
+    return True
+
+
+def test_memmap_sink_direct_io_aligned_frames_with_short_last_region(tmp_path: Path) -> None:
+    if not _direct_supported(tmp_path):
+        pytest.skip("the file system under tmp_path has no O_DIRECT")
+    # 2048 x 4 bytes = 8 KiB per frame: every region starts on a block boundary,
+    # and the last one, 2 frames of 3, ends inside a block at the array's end.
+    spec = ArraySpec("frames", (7, 2048), np.dtype("<f4"), (3, 2048))
+    data = np.random.default_rng(3).random((7, 2048), dtype=np.float32)
+    path = tmp_path / "direct.npy"
+
+    result = stream(MemmapSink(path, direct_io=True), spec, data, mode="owned")
+
+    np.testing.assert_array_equal(result, data)
+    assert path.stat().st_size == ALIGN + data.nbytes
+
+
+def test_memmap_sink_direct_io_pads_header_to_a_block(tmp_path: Path) -> None:
+    spec = ArraySpec("frames", (2, 1024), np.dtype("<u4"), (1, 1024))
+    path = tmp_path / "direct.npy"
+
+    stream(MemmapSink(path, direct_io=True), spec, np.ones((2, 1024), "<u4"), mode="owned")
+
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        np.lib.format.read_array_header_1_0(handle)
+        assert version == (1, 0)
+        assert handle.tell() == ALIGN
+
+
+def test_memmap_sink_direct_io_unaligned_frames_stay_exact(tmp_path: Path) -> None:
+    # 1000-byte frames never start on a block boundary after the first, so
+    # they go through the page cache while aligned ones go direct.
+    spec = ArraySpec("frames", (None, 250), np.dtype("<i4"), (1, 250))
+    data = np.arange(9 * 250, dtype="<i4").reshape(9, 250)
+    path = tmp_path / "mixed.npy"
+
+    result = stream(MemmapSink(path, direct_io=True), spec, data, mode="owned")
+
+    np.testing.assert_array_equal(result, data)
+    assert path.stat().st_size == ALIGN + data.nbytes

@@ -395,3 +395,18 @@ def test_zarr_sink_blosc_codec_shuffle_variants(tmp_path: Path) -> None:
         assert sink.write_encoded(region, memoryview(payload), encoding)
 
     np.testing.assert_array_equal(sink.finalize(data.shape)[...], data)
+
+
+def test_zarr_sink_direct_io_chunk_files_match_zarr_reads(tmp_path: Path) -> None:
+    # 3 x 1000 uint16 chunks are 6000 bytes: not a block multiple, so every
+    # direct write is padded and then cut back to the chunk's true size.
+    spec = ArraySpec("frames", (7, 1000), np.dtype("<u2"), (3, 1000))
+    data = np.arange(7000, dtype="<u2").reshape(7, 1000)
+    root = tmp_path / "direct.zarr"
+
+    result = stream(ZarrSink(root, compressor=None, direct_io=True), spec, data, mode="owned")
+
+    np.testing.assert_array_equal(result[...], data)
+    chunk_file = root / "c" / "0" / "0"
+    assert chunk_file.stat().st_size == 6000
+    assert not list(root.rglob("*.partial"))
