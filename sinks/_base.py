@@ -228,13 +228,17 @@ class Sink(abc.ABC):
         """
         self.write(region, data)
 
-    def write_encoded(self, region: Region, payload: memoryview, encoding: ChunkEncoding) -> bool:
+    def write_encoded(
+        self, region: Region, payload: memoryview, encoding: ChunkEncoding, *, owned: bool = False
+    ) -> bool:
         """Store already-compressed bytes as they are, if this sink can.
 
         Returns True when the bytes were stored verbatim; False means nothing was
         stored and the caller must decode them and use :meth:`destination` or
         :meth:`write`. ``payload`` is only valid during the call, so a sink that
-        stores it later must copy it first.
+        stores it later must copy it first. With ``owned`` the caller hands the
+        memory over as in :meth:`write_owned`; callers pass it only to sinks
+        whose :attr:`takes_ownership` is True.
         """
         return False
 

@@ -296,13 +296,16 @@ class ZarrSink(Sink):
         with self._lock:
             self._extent = max(self._extent, region.stop[0] if region.stop else 0)
 
-    def write_encoded(self, region: Region, payload: memoryview, encoding: ChunkEncoding) -> bool:
+    def write_encoded(
+        self, region: Region, payload: memoryview, encoding: ChunkEncoding, *, owned: bool = False
+    ) -> bool:
         """Store a Blosc1 chunk without decompressing it when it matches the array's codec.
 
         Returns False, storing nothing, unless ``encoding`` equals
         :meth:`preferred_encoding`, ``region`` is one full (not edge) chunk and
         the payload's Blosc1 header states the chunk's byte count and its own
-        length. ``payload`` is copied before this call returns.
+        length. ``payload`` is copied before this call returns, unless
+        ``owned`` is True: then the sink keeps a reference until it is stored.
         """
         spec = self._checked_region(region, "write_encoded")
         if self._verbatim is None or encoding != self._verbatim:
@@ -317,12 +320,17 @@ class ZarrSink(Sink):
             logger.debug("blosc1 payload for %s does not match its chunk; decoding it", region)
             return False
 
+        # The pool buffer also bounds the queue when the payload itself is kept.
         buffer = self._require_pool().acquire()
-        if len(raw) > buffer.nbytes:
+        if owned:
+            data = np.frombuffer(raw, dtype=np.uint8)
+        elif len(raw) > buffer.nbytes:
             self._require_pool().release(buffer, job_done=False)
             return False
-        buffer[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-        self._submit(self._store_verbatim, plan, buffer, len(raw))
+        else:
+            data = buffer[: len(raw)]
+            data[:] = np.frombuffer(raw, dtype=np.uint8)
+        self._submit(self._store_verbatim, plan, buffer, data)
         with self._lock:
             self._extent = max(self._extent, region.stop[0] if region.stop else 0)
         return True
@@ -553,12 +561,15 @@ class ZarrSink(Sink):
         finally:
             self._require_pool().release(token, job_done=True)
 
-    def _store_verbatim(self, plan: ChunkPlan, buffer: npt.NDArray[np.uint8], length: int) -> None:
-        """Store ``length`` bytes of ``buffer`` as they are; runs in a writer thread."""
+    def _store_verbatim(
+        self, plan: ChunkPlan, buffer: npt.NDArray[np.uint8], data: npt.NDArray[np.uint8]
+    ) -> None:
+        """Store ``data`` (in ``buffer``, or owned) as it is; runs in a writer thread."""
         try:
             array = self.array
+            copy = self._copy_before_store and np.may_share_memory(data, buffer)
             with _CHUNK_LOCKS.hold(self._store_id, array.store_path.path, [plan.coords]):
-                self._put_chunk(plan.coords, buffer[:length], copy=self._copy_before_store)
+                self._put_chunk(plan.coords, data, copy=copy)
         finally:
             self._require_pool().release(buffer, job_done=True)
 

@@ -397,8 +397,11 @@ class SinkConformance:
 
         self._check(handle, np.zeros((0, 2), dtype="<f4"))
 
+    @pytest.mark.parametrize("owned", [False, True])
     @pytest.mark.parametrize("fmt", ["blosc1", "blosc2"])
-    def test_write_encoded_roundtrip(self, make_sink: Callable[[], Sink], fmt: str) -> None:
+    def test_write_encoded_roundtrip(
+        self, make_sink: Callable[[], Sink], fmt: str, owned: bool
+    ) -> None:
         data = sample_array((6, 5, 4), np.dtype("<u2"), np.random.default_rng(9))
         spec = ArraySpec("data", data.shape, data.dtype, (2, 5, 4))
         sink = make_sink()
@@ -411,7 +414,9 @@ class SinkConformance:
         for region in grid_regions(data.shape, spec.chunks):
             block = data[region.slices]
             payload = encode_region(block, encoding)
-            if not sink.write_encoded(region, memoryview(payload), encoding):
+            # Only sinks that take ownership may be handed the payload.
+            hand_over = owned and sink.takes_ownership
+            if not sink.write_encoded(region, memoryview(payload), encoding, owned=hand_over):
                 sink.write(region, block)
 
         self._check(sink.finalize(data.shape), data)

@@ -285,7 +285,13 @@ class StreamReceiver:
         assert header.encoding is not None
         payload = self._recv_checked_payload(header, header.cbytes)
 
-        if state.sink.write_encoded(region, payload, header.encoding):
+        sink = state.sink
+        stored = (
+            sink.write_encoded(region, payload, header.encoding, owned=True)
+            if sink.takes_ownership
+            else sink.write_encoded(region, payload, header.encoding)
+        )
+        if stored:
             return
         dest = state.sink.destination(region)
         target = dest if dest is not None and dest.flags.c_contiguous else None

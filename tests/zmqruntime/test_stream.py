@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numcodecs
 import numpy as np
 import pytest
 import zmq
 
-from sinks import ArraySpec, MemorySink, Region, Sink
+from sinks import ArraySpec, MemmapSink, MemorySink, Region, Sink, ZarrSink
 from zmqruntime import (
     ChunkReceived,
     Compression,
@@ -337,3 +338,41 @@ def test_sink_factory_live_npy_path_names_every_result(tmp_path: Any) -> None:
     sink.finalize((2,))
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.only.npy"]
+
+
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_stream_into_memmap_sink_hands_frames_over(
+    push_pull: Pair, run_sender: Any, tmp_path: Any, direct_io: bool
+) -> None:
+    push, pull = push_pull
+    array = _microscopy_like(frames=5, size=128)
+    path = tmp_path / "stack.npy"
+
+    sender = run_sender(_send_arrays(push, {"stack": array}, chunk_bytes=1 << 15))
+    receiver = StreamReceiver(
+        pull, "e1", lambda spec: MemmapSink(path, direct_io=direct_io), timeout=20
+    )
+    values = receiver.run()
+    sender.join()
+
+    np.testing.assert_array_equal(values["stack"], array)
+    np.testing.assert_array_equal(np.load(path, mmap_mode="r"), array)
+
+
+def test_stream_blosc1_chunks_stored_verbatim_in_zarr(
+    push_pull: Pair, run_sender: Any, tmp_path: Any
+) -> None:
+    push, pull = push_pull
+    array = _microscopy_like(frames=4, size=128)
+    root = tmp_path / "stack.zarr"
+    # The sender's default Blosc1 settings equal the sink's default codec.
+    sink = ZarrSink(root, direct_io=True)
+
+    sender = run_sender(_send_arrays(push, {"stack": array}, compression="blosc1"))
+    values = StreamReceiver(pull, "e1", lambda spec: sink, timeout=20).run()
+    sender.join()
+
+    np.testing.assert_array_equal(values["stack"][...], array)
+    rows = values["stack"].chunks[0]
+    stored = (root / "c" / "0" / "0" / "0").read_bytes()
+    assert numcodecs.Blosc().decode(stored) == array[:rows].tobytes()
