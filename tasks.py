@@ -1,6 +1,8 @@
 """Set up a virtual environment for zmqruntime and run its demo, tests or checks.
 
 Usage: ``python3 tasks.py demo | test | lint | bench [pytest arguments]``.
+``bench --profile quick|full [pytest arguments]`` runs the benchmark suite of
+``benchmarks/test_suite.py`` in that profile and writes ``docs/benchmarks.md``.
 
 The first call creates ``.venv`` beside this file and installs the project with
 its ``dev`` extras into it; later calls reuse it and reinstall only when
@@ -10,6 +12,7 @@ its ``dev`` extras into it; later calls reuse it and reinstall only when
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import venv
@@ -49,6 +52,22 @@ def run(*args: str) -> int:
     return subprocess.run([str(PYTHON), *args], cwd=ROOT).returncode
 
 
+def bench(extra: list[str]) -> int:
+    """Run every benchmark, or with ``--profile NAME`` the suite in that profile."""
+    if "--profile" not in extra:
+        return run("-m", "pytest", "benchmarks", "--benchmark-only", *extra)
+
+    at = extra.index("--profile")
+    if at + 1 >= len(extra) or extra[at + 1] not in {"quick", "full"}:
+        print("bench --profile needs quick or full, e.g. python3 tasks.py bench --profile quick")
+        return 2
+    profile = extra[at + 1]
+    rest = extra[:at] + extra[at + 2 :]
+    env = dict(os.environ, ZMQRUNTIME_BENCH_PROFILE=profile)
+    command = [str(PYTHON), "-m", "pytest", "benchmarks/test_suite.py", "--benchmark-only"]
+    return subprocess.run([*command, "-s", *rest], cwd=ROOT, env=env).returncode
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test", "lint", "bench"}:
         print(__doc__)
@@ -62,11 +81,21 @@ def main(argv: list[str]) -> int:
     if command == "test":
         return run("-m", "pytest", *extra)
     if command == "bench":
-        return run("-m", "pytest", "benchmarks", "--benchmark-only", *extra)
+        return bench(extra)
 
     for step in (
         ["-m", "ruff", "check", "zmqruntime", "sinks", "tests", "benchmarks", "examples"],
-        ["-m", "ruff", "format", "--check", "zmqruntime", "sinks", "tests", "benchmarks", "examples"],
+        [
+            "-m",
+            "ruff",
+            "format",
+            "--check",
+            "zmqruntime",
+            "sinks",
+            "tests",
+            "benchmarks",
+            "examples",
+        ],
         ["-m", "mypy"],
     ):
         code = run(*step)

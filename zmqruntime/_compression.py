@@ -173,6 +173,12 @@ def compress_chunk(
 
 def sample_pays_off(raw: memoryview, itemsize: int, compression: Compression) -> bool:
     """Compress a sample of ``raw`` and decide whether Blosc2 pays on this link."""
+    link = compression.link_bytes_per_s or _LOCAL_LINK_BYTES_PER_S
+    if link >= _LOCAL_LINK_BYTES_PER_S:
+        # No compressor comes near a local link's speed, so sampling cannot
+        # change the answer: send raw without spending CPU on a sample.
+        return False
+
     typesize = typesize_for(itemsize)
     usable = (min(len(raw), _SAMPLE_BYTES) // typesize) * typesize
     if usable == 0:

@@ -1,0 +1,142 @@
+"""Profiles of the benchmark suite: sizes, configurations and rounds.
+
+The profile comes from ``ZMQRUNTIME_BENCH_PROFILE``: ``quick`` (the default,
+a reduced configuration grid), ``full`` (every configuration, 4 GiB added)
+or ``smoke`` (tiny sizes, for the test suite). ``ZMQRUNTIME_BENCH_OUT`` sets
+the directory the report goes to (default: ``docs/`` of the repository).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    """One configuration of the end-to-end benchmark (ExecutionClient against a server).
+
+    ``compression`` is what ``get_results(compression=...)`` receives:
+    ``"none"`` sends raw chunks, ``"blosc2"`` compresses with lz4 level 1 and
+    byte shuffle, ``"blosc1"`` the same in the format zarr stores as it is,
+    and ``"auto"`` lets the server decide per chunk from a sample.
+
+    NOTE: ``get_results`` takes only a mode string, so zstd cannot be
+    requested end to end. zstd is measured only in the engine-level link rows.
+    """
+
+    sink: str
+    compression: str
+    transport: str
+    data: str
+
+    @property
+    def label(self) -> str:
+        codec = {"blosc2": "lz4", "blosc1": "lz4-blosc1"}.get(self.compression, self.compression)
+        return f"{self.sink}/{codec}/{self.transport}/{self.data}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes, configurations and rounds of one profile."""
+
+    name: str
+    sizes: tuple[int, ...]
+    configs: tuple[EndToEnd, ...]
+    proxy_bytes: int
+    proxy_codecs: tuple[str, ...]
+    # Link limits of the forwarding proxy, in bits per second.
+    proxy_bits_per_s: tuple[float, ...]
+    output_dir: Path
+    # Size and round pairs of the interleaved "auto" against "none" comparison.
+    paired_bytes: int = 256 * MIB
+    paired_rounds: int = 5
+
+    def rounds(self, nbytes: int) -> int:
+        """Return the timed rounds per case; fewer for the large sizes to keep the run short."""
+        if self.name == "smoke":
+            return 1
+        if self.name == "full":
+            return 3
+        return 3 if nbytes <= 16 * MIB else 2
+
+
+def _quick_configs() -> tuple[EndToEnd, ...]:
+    micro = "microscopy"
+    return (
+        EndToEnd("memory", "none", "tcp", micro),
+        EndToEnd("memory", "none", "ipc", micro),
+        EndToEnd("memory", "blosc2", "tcp", micro),
+        EndToEnd("memory", "auto", "tcp", micro),
+        EndToEnd("memory", "auto", "ipc", micro),
+        EndToEnd("memmap", "none", "tcp", micro),
+        EndToEnd("zarr", "none", "tcp", micro),
+        EndToEnd("memory", "blosc2", "tcp", "random"),
+    )
+
+
+def _full_configs() -> tuple[EndToEnd, ...]:
+    sinks = ("memory", "memmap", "zarr")
+    codecs = ("none", "blosc2", "auto")
+    grid = itertools.product(sinks, codecs, ("tcp", "ipc"), ("microscopy", "random"))
+    configs = [EndToEnd(*combination) for combination in grid]
+    # The zarr sink stores blosc1 chunks as they arrive, without decompressing.
+    configs.append(EndToEnd("zarr", "blosc1", "tcp", "microscopy"))
+    return tuple(configs)
+
+
+def load_profile(name: str | None = None) -> Profile:
+    """Return the profile named ``name`` or by ``ZMQRUNTIME_BENCH_PROFILE`` (default quick)."""
+    name = name or os.environ.get("ZMQRUNTIME_BENCH_PROFILE", "quick")
+    output_dir = Path(os.environ.get("ZMQRUNTIME_BENCH_OUT", ROOT / "docs"))
+    gbit = (1e9, 10e9)
+
+    sizes: tuple[int, ...]
+    if name == "quick":
+        sizes = (64 * KIB, 1 * MIB, 16 * MIB, 256 * MIB, 1 * GIB)
+        return Profile(
+            name, sizes, _quick_configs(), 64 * MIB, ("none", "lz4", "zstd"), gbit, output_dir
+        )
+    if name == "full":
+        # NOTE: the full profile has not been run as a whole yet, so its duration is an estimate.
+        sizes = (64 * KIB, 1 * MIB, 16 * MIB, 256 * MIB, 1 * GIB, 4 * GIB)
+        return Profile(
+            name, sizes, _full_configs(), 256 * MIB, ("none", "lz4", "zstd"), gbit, output_dir
+        )
+    if name == "smoke":
+        configs = (
+            EndToEnd("memory", "none", "tcp", "microscopy"),
+            EndToEnd("memmap", "auto", "ipc", "microscopy"),
+            EndToEnd("zarr", "blosc2", "tcp", "random"),
+        )
+        return Profile(
+            name,
+            (64 * KIB, 16 * MIB),
+            configs,
+            16 * MIB,
+            ("none", "lz4"),
+            gbit,
+            output_dir,
+            16 * MIB,
+            1,
+        )
+    raise ValueError(
+        f"benchmark profile {name!r} is not one of 'quick', 'full', 'smoke'; "
+        "set ZMQRUNTIME_BENCH_PROFILE to one of them"
+    )
+
+
+def size_label(nbytes: int) -> str:
+    """Return a size as ``64 KiB``, ``16 MiB`` or ``1 GiB``."""
+    for unit, name in ((GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")):
+        if nbytes >= unit and nbytes % unit == 0:
+            return f"{nbytes // unit} {name}"
+    return f"{nbytes} B"
