@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sinks import MemmapSink, ZarrSink
 from zmqruntime import ExecutionClient
 
 # Pipeline source: runs in a worker process on the server. It streams a stack
@@ -49,16 +50,24 @@ def main() -> None:
 
         # Poll until the execution reaches a final state.
         while not (status := client.get_status(exec_id)).done:
-            print(f"  {status.state}: {status.progress.done} of {status.progress.total} frames")
+            progress = status.progress
+            if progress.total is None:
+                print(f"  {status.state}")
+            else:
+                print(f"  {status.state}: {progress.done:.0f} of {progress.total:.0f} frames")
             time.sleep(0.05)
         print(f"finished: {status.state}, values {dict(status.values)}")
 
-        # The server keeps the results until released, so fetch them three times.
+        # The server keeps the results until released, so fetch them three times:
+        # every result by sink name, then the result "stack" into sink objects
+        # that replace the files of an earlier run.
         in_memory = client.get_results(exec_id, sink="memory")["stack"]
-        on_disk = client.get_results(exec_id, sink=str(output / "stack.npy"))["stack"]
-        in_zarr = client.get_results(exec_id, sink=str(output / "stack.zarr"), release=True)[
-            "stack"
-        ]
+        on_disk = client.get_result(
+            exec_id, "stack", sink=MemmapSink(output / "stack.npy", overwrite=True)
+        )
+        in_zarr = client.get_result(
+            exec_id, "stack", sink=ZarrSink(output / "stack.zarr", overwrite=True), release=True
+        )
 
         print(f"memory: {type(in_memory).__name__} {in_memory.shape} {in_memory.dtype}")
         print(f"memmap: {output / 'stack.npy'} equal={np.array_equal(on_disk, in_memory)}")

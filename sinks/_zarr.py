@@ -405,7 +405,7 @@ class ZarrSink(Sink):
                 shape=shape,
                 chunks=self._chunk_shape,
                 shards=self.shards,
-                dtype=spec.dtype,
+                dtype=_storage_dtype(spec.dtype),
                 compressors=self._compressors(spec),
                 fill_value=self._fill,
                 attributes=attributes,
@@ -656,3 +656,16 @@ class ZarrSink(Sink):
         target = self.store_or_path
         where = os.fspath(target) if isinstance(target, str | os.PathLike) else repr(target)
         return f"{where} at path {self.path!r}" if self.path else where
+
+
+def _storage_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """Return the dtype the zarr array stores for a result of ``dtype``.
+
+    zarr 3.1.6 records every field of a structured dtype as little-endian
+    whatever its byte order, so big-endian fields written as they are would
+    read back byte-swapped in other processes. Structured dtypes are
+    therefore stored with every field little-endian, converted field by field.
+    """
+    if dtype.fields is None:
+        return dtype
+    return dtype.newbyteorder("<")

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
+
+
+@pytest.fixture(autouse=True)
+def zmqruntime_runtime_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Point tcp endpoints' lock and log files at a per-test directory, not the system /tmp."""
+    path = tmp_path_factory.mktemp("runtime")
+    monkeypatch.setenv("ZMQRUNTIME_RUNTIME_DIR", str(path))
+    return path
 
 
 @pytest.fixture

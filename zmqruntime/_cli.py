@@ -10,16 +10,21 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ._client import ExecutionClient
 from ._errors import ZmqRuntimeError
 from ._execution import ServerConfig
 from ._server import ExecutionServer
+from ._status import ExecutionStatus
 
 __all__ = ["main"]
 
 _MIB = 1 << 20
+
+# GIL switch interval of a server process started by ``serve``, in seconds.
+SERVER_SWITCH_INTERVAL = 0.001
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +108,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="default flow-control window of a fetch, in MiB (default: %(default)s)",
     )
     serve.add_argument(
+        "--data-nice",
+        type=int,
+        default=10,
+        help="nice increment of the server's data-path threads, so control requests run "
+        "first on a busy machine; 0 turns it off, Linux only (default: %(default)s)",
+    )
+    serve.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)"
     )
 
@@ -174,7 +186,12 @@ def _serve(args: argparse.Namespace) -> int:
         grace_period=args.grace_period,
         kill_after=args.grace_period,
         window_bytes=int(args.window_mib * _MIB),
+        data_nice=args.data_nice,
     )
+    # This process is the server alone, so it may tune the interpreter: with
+    # the ingest and transfer threads busy, a control request waits for the
+    # GIL up to one switch interval per hand-over (5 ms by default).
+    sys.setswitchinterval(SERVER_SWITCH_INTERVAL)
     server = ExecutionServer(config)
     server.start()
 
@@ -199,8 +216,7 @@ def _run_client_command(args: argparse.Namespace) -> int:
             _print_json(asdict(client.get_status(args.exec_id)))
         elif args.command == "list":
             for status in client.list_executions(args.state):
-                submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.submitted_at))
-                print(f"{status.exec_id}  {status.state.value:<10}  submitted {submitted}")
+                print(_list_row(status))
         elif args.command == "cancel":
             outcome = client.cancel(args.exec_id)
             print(outcome.message)
@@ -214,13 +230,47 @@ def _run_client_command(args: argparse.Namespace) -> int:
                 release=args.release,
             )
             for name, handle in values.items():
-                location = getattr(handle, "filename", None) or getattr(handle, "store", None)
-                where = location or "memory"
+                where = _result_location(handle)
                 print(f"{name}: shape {tuple(handle.shape)} dtype {handle.dtype} -> {where}")
         elif args.command == "shutdown":
             client.shutdown()
             print(f"server on {client.endpoint} is stopping")
     return 0
+
+
+def _list_row(status: ExecutionStatus) -> str:
+    submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.submitted_at))
+    progress = status.progress
+    chunks = f"{progress.chunks_done}/{_or_unknown(progress.chunks_total)} chunks"
+    mib = f"{progress.bytes_done / _MIB:.1f}/{_mib_or_unknown(progress.bytes_total)} MiB"
+    results = ", ".join(
+        f"{name} {list(summary.shape)} {summary.dtype}" for name, summary in status.results.items()
+    )
+    row = f"{status.exec_id}  {status.state.value:<10}  submitted {submitted}  {chunks}  {mib}"
+    return f"{row}  results: {results}" if results else row
+
+
+def _or_unknown(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def _mib_or_unknown(value: int | None) -> str:
+    return "?" if value is None else f"{value / _MIB:.1f}"
+
+
+def _result_location(handle: Any) -> str:
+    # A memmap has its file name. A zarr array has its store and its own
+    # path inside it, because the group's path alone does not name the array.
+    filename = getattr(handle, "filename", None)
+    if filename:
+        return str(filename)
+    store_path = getattr(handle, "store_path", None)
+    if store_path is None:
+        return "memory"
+    root = getattr(store_path.store, "root", None)
+    if root is None:
+        return str(store_path)
+    return str(Path(root) / store_path.path) if store_path.path else str(root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 import zmq
@@ -428,7 +428,7 @@ class ExecutionClient:
         timeout: float | None = None,
         window_bytes: int | None = None,
         compression: str | None = None,
-    ) -> Iterator[StreamEvent]:
+    ) -> Generator[StreamEvent, None, None]:
         """Fetch results chunk by chunk, yielding an event after each declaration, chunk and end.
 
         Each ``ChunkReceived`` arrives after the chunk is in its sink. Closing
@@ -441,7 +441,9 @@ class ExecutionClient:
             "window_bytes": window_bytes,
             "compression": compression,
         }
-        known_names = list(names) if names is not None else self._declared_names(exec_id)
+        # Only the caller's names= decide the layout, never the timing: a fetch
+        # started before or after the run ended writes the same paths.
+        known_names = list(names) if names is not None else None
         reply = self._request(MessageType.RESULTS, body)
         idle_limit = self.timeout if timeout is None else timeout
         with _FetchSockets(self._context, reply) as fetch:
@@ -455,14 +457,9 @@ class ExecutionClient:
             yield from self._follow(receiver, exec_id, idle_limit)
             fetch.done()
 
-    def _declared_names(self, exec_id: str) -> list[str] | None:
-        # Every name is known only once the execution has ended.
-        status = self.get_status(exec_id)
-        return list(status.results) if status.done else None
-
     def _follow(
         self, receiver: StreamReceiver, exec_id: str, idle_limit: float
-    ) -> Iterator[StreamEvent]:
+    ) -> Generator[StreamEvent, None, None]:
         idle_since = time.monotonic()
         while True:
             try:

@@ -12,6 +12,9 @@ __all__ = ["TERMINAL_STATES", "ExecutionRecord", "ServerConfig", "crash_error"]
 STATES = ("queued", "running", "cancelling", "completed", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 
+# Fields of each result summary in a brief (``list``) status row.
+_BRIEF_RESULT_KEYS = ("name", "shape", "dtype", "bytes", "chunks_done", "complete")
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -52,6 +55,10 @@ class ServerConfig:
         Target chunk size for pipelines that let the sender choose; None: the default.
     start_method:
         ``"forkserver"`` or ``"spawn"``; None picks forkserver on Linux.
+    data_nice:
+        Nice increment of the server's data-path threads (ingest, transfers
+        and the data context's libzmq I/O thread), so that on a saturated
+        machine the control loop runs first; 0 turns it off. Linux only.
     """
 
     endpoint: str = "tcp://127.0.0.1:5555"
@@ -69,6 +76,7 @@ class ServerConfig:
     ingest_hwm: int = 8
     chunk_bytes: int | None = None
     start_method: str | None = None
+    data_nice: int = 10
 
 
 @dataclass(slots=True)
@@ -96,7 +104,13 @@ class ExecutionRecord:
     bytes_done: int = 0
 
     def to_status(self, *, brief: bool = False) -> dict[str, Any]:
-        """Return the status map sent to clients; ``brief`` leaves out values and results."""
+        """Return the status map sent to clients.
+
+        ``brief`` (for ``list``) keeps the cheap fields: state, timestamps,
+        error, exit code, progress and a summary of each result without its
+        chunk grid. It leaves out the pipeline's values, which can be large.
+        """
+        chunks_total, bytes_total = self._totals()
         status: dict[str, Any] = {
             "exec_id": self.exec_id,
             "state": self.state,
@@ -104,21 +118,24 @@ class ExecutionRecord:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "error": self.error,
-        }
-        if brief:
-            return status
-        chunks_total, bytes_total = self._totals()
-        status.update(
-            pid=self.pid,
-            exitcode=self.exitcode,
-            results_released=self.results_released,
-            progress={
+            "exitcode": self.exitcode,
+            "progress": {
                 **self.progress,
                 "chunks_done": self.chunks_done,
                 "bytes_done": self.bytes_done,
                 "chunks_total": chunks_total,
                 "bytes_total": bytes_total,
             },
+        }
+        if brief:
+            status["results"] = {
+                name: {key: info.get(key) for key in _BRIEF_RESULT_KEYS}
+                for name, info in self.results.items()
+            }
+            return status
+        status.update(
+            pid=self.pid,
+            results_released=self.results_released,
             values=dict(self.values),
             results={name: dict(info) for name, info in self.results.items()},
         )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from ._errors import ProtocolError
+from ._priority import lower_current_thread
 from ._retention import RetentionStore
 from ._wire import ChunkHeader, ResultDeclaration, ResultEnd, StreamEnd, decode_message
 
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 # Malformed messages logged per ingest thread before the log goes quiet (the
 # count is still kept); a broken worker can send thousands.
 _MAX_LOGGED_DROPS = 20
+
+# Messages received back to back before the thread checks for a stop request.
+_MAX_BATCH = 64
 
 
 class Ingest:
@@ -58,12 +62,19 @@ class Ingest:
         self._thread.join(5.0)
 
     def _run(self) -> None:
+        lower_current_thread(self._server.config.data_nice)
         try:
             while not self._stop.is_set():
                 if not self._socket.poll(100, zmq.POLLIN):
                     continue
-                frames = self._socket.recv_multipart(copy=False)
-                self._ingest(frames)
+                # Drain what is queued without a poll per message. The bound
+                # lets the thread notice a stop request while workers keep sending.
+                for _ in range(_MAX_BATCH):
+                    try:
+                        frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._ingest(frames)
         finally:
             self._socket.close(linger=0)
 
@@ -92,18 +103,25 @@ class Ingest:
             self._drop(f"execution {message.exec_id} is unknown or released")
             return
 
+        if isinstance(message, StreamEnd):
+            with self._server.lock:
+                if self._server.execution(message.exec_id) is None or stream.cut:
+                    return  # cancelled: the server seals the stream itself
+                if stream.seal(header):
+                    self._server.on_stream_end(message)
+            return
+
+        # The append runs without the server's lock: a spilled payload is
+        # written to disk, and status requests must not wait for that.
+        if stream.cut:
+            return  # cancelled: the rest of its stream is discarded
+        payload = frames[1].buffer if is_chunk else None
+        if not stream.append(header, payload):
+            return
         with self._server.lock:
             record = self._server.execution(message.exec_id)
-            if record is None or stream.cut:
-                return  # cancelled: the rest of its stream is discarded
-            if isinstance(message, StreamEnd):
-                if stream.seal(header):
-                    self._server.on_stream_end(message.exec_id)
-                return
-            payload = frames[1].buffer if is_chunk else None
-            if not stream.append(header, payload):
-                return
-            _summarize(record, message)
+            if record is not None:
+                _summarize(record, message)
 
 
 def _summarize(record: Any, message: Any) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -99,35 +100,58 @@ class RetainedStream:
         """Append a message; False (and nothing stored) when sealed, released or cut for chunks.
 
         The stream keeps a reference to ``payload`` (no copy) while it stays in
-        memory; the caller must not modify it afterwards.
+        memory; the caller must not modify it afterwards. A spilled payload is
+        written to disk without holding the store's lock, so readers and the
+        server's control loop never wait for the disk. One thread per stream
+        may call this (the server's ingest thread); messages keep its order.
         """
         with self.cond:
-            if self._sealed or self._released or (payload is not None and self._cut):
+            if not self._accepts(payload is not None):
                 return False
             if payload is None:
-                record = Record(header, False)
-            else:
-                record = self._store_payload(header, payload)
-            self._records.append(record)
-            self.cond.notify_all()
+                self._add(Record(header, False))
+                return True
+            nbytes = len(payload)
+            if self._store.reserve_memory(nbytes):
+                self.memory_bytes += nbytes
+                self._add(Record(header, True, nbytes, payload))
+                return True
+            fd, offset = self._reserve_spill(nbytes)
+
+        # The duplicate descriptor keeps the file writable if a release closes
+        # the original during the write.
+        try:
+            written = os.pwrite(fd, payload, offset)
+        finally:
+            os.close(fd)
+        if written != nbytes:
+            raise OSError(f"short write to spill file {self._spill_path}: {written} of {nbytes}")
+
+        with self.cond:
+            # A cancel or release during the write discards the chunk.
+            if not self._accepts(True):
+                return False
+            self._add(Record(header, True, nbytes, None, offset))
             return True
 
-    def _store_payload(self, header: bytes, payload: bytes | memoryview) -> Record:
+    def _accepts(self, is_chunk: bool) -> bool:
         # Caller holds the lock.
-        nbytes = len(payload)
-        if self._store.reserve_memory(nbytes):
-            self.memory_bytes += nbytes
-            return Record(header, True, nbytes, payload)
+        return not (self._sealed or self._released or (is_chunk and self._cut))
 
+    def _add(self, record: Record) -> None:
+        # Caller holds the lock.
+        self._records.append(record)
+        self.cond.notify_all()
+
+    def _reserve_spill(self, nbytes: int) -> tuple[int, int]:
+        # Caller holds the lock. Returns a duplicate descriptor of the spill
+        # file (the caller closes it) and the offset reserved for nbytes.
         if self._spill_fd is None:
             self._open_spill_file()
         assert self._spill_fd is not None
         offset = self._spill_size
-        written = os.pwrite(self._spill_fd, payload, offset)
-        if written != nbytes:
-            raise OSError(f"short write to spill file {self._spill_path}: {written} of {nbytes}")
         self._spill_size += nbytes
-        return Record(header, True, nbytes, None, offset)
+        return os.dup(self._spill_fd), offset
 
     def _open_spill_file(self) -> None:
         fd, name = tempfile.mkstemp(
@@ -193,18 +217,18 @@ class RetainedStream:
             raise OSError(f"short read from spill file of execution {self.exec_id}")
         return data
 
-    def _drop(self) -> int:
-        # Caller holds the lock. Returns the memory bytes given back.
+    def _drop(self) -> tuple[int, list[Record], Path | None]:
+        # Caller holds the lock. Returns the memory bytes given back, the
+        # dropped records and the spill file, which the caller frees and
+        # deletes after releasing the lock (both can take milliseconds).
         self._released = True
-        self._records.clear()
+        records, self._records = self._records, []
         if self._spill_fd is not None:
             os.close(self._spill_fd)
             self._spill_fd = None
-        if self._spill_path is not None:
-            self._spill_path.unlink(missing_ok=True)
         freed, self.memory_bytes = self.memory_bytes, 0
         self.cond.notify_all()
-        return freed
+        return freed, records, self._spill_path
 
 
 class RetentionStore:
@@ -226,6 +250,10 @@ class RetentionStore:
             Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
         self._memory_used = 0
         self._streams: dict[str, RetainedStream] = {}
+        # Released payloads and spill files waiting for the cleanup thread;
+        # None stops it. The thread starts with the first background release.
+        self._cleanup_queue: queue.SimpleQueue[_Cleanup | None] = queue.SimpleQueue()
+        self._cleanup_thread: threading.Thread | None = None
 
     @property
     def memory_used(self) -> int:
@@ -254,30 +282,80 @@ class RetentionStore:
         with self.lock:
             return self._streams.get(exec_id)
 
-    def release(self, exec_id: str) -> bool:
-        """Drop the stream of ``exec_id`` and its spill file; False if there was none."""
+    def release(self, exec_id: str, *, background: bool = False) -> bool:
+        """Drop the stream of ``exec_id`` and delete its spill file; False if there was none.
+
+        The payloads are freed and the spill file deleted after the store's
+        lock is released, so other streams are not held up meanwhile. With
+        ``background`` a cleanup thread does both and this returns at once:
+        freeing a gigabyte of payloads and deleting its spill file can take
+        100 ms, which the server's control loop must not wait for.
+        :meth:`close` waits for the cleanup thread.
+        """
         with self.lock:
             stream = self._streams.pop(exec_id, None)
             if stream is None:
                 return False
-            self._memory_used -= stream._drop()
-            return True
+            freed, records, spill_path = stream._drop()
+            self._memory_used -= freed
+        cleanup = _Cleanup(records, spill_path)
+        if background:
+            self._start_cleanup_thread()
+            self._cleanup_queue.put(cleanup)
+        else:
+            cleanup.run()
+        return True
+
+    def _start_cleanup_thread(self) -> None:
+        with self.lock:
+            if self._cleanup_thread is None:
+                self._cleanup_thread = threading.Thread(
+                    target=self._clean_up, name="zmqruntime-retention-cleanup", daemon=True
+                )
+                self._cleanup_thread.start()
+
+    def _clean_up(self) -> None:
+        while True:
+            cleanup = self._cleanup_queue.get()
+            if cleanup is None:
+                return
+            cleanup.run()
 
     def expire(self, retention_seconds: float, now: float | None = None) -> list[str]:
-        """Release streams sealed more than ``retention_seconds`` ago; return their ids."""
+        """Release streams sealed more than ``retention_seconds`` ago; return their ids.
+
+        Their payloads and spill files are cleaned up in the background (see
+        :meth:`release`).
+        """
         now = time.monotonic() if now is None else now
         with self.lock:
-            expired = [
+            candidates = [
                 exec_id
                 for exec_id, stream in self._streams.items()
                 if stream.sealed_at is not None and now - stream.sealed_at > retention_seconds
             ]
-            for exec_id in expired:
-                self.release(exec_id)
-        return expired
+        return [exec_id for exec_id in candidates if self.release(exec_id, background=True)]
 
     def close(self) -> None:
-        """Release every stream and remove every spill file."""
+        """Release every stream and remove every spill file, background releases included."""
         with self.lock:
-            for exec_id in list(self._streams):
-                self.release(exec_id)
+            exec_ids = list(self._streams)
+            thread, self._cleanup_thread = self._cleanup_thread, None
+        for exec_id in exec_ids:
+            self.release(exec_id)
+        if thread is not None:
+            self._cleanup_queue.put(None)
+            thread.join(30.0)
+
+
+@dataclass(slots=True)
+class _Cleanup:
+    """Payloads and a spill file of a released stream, to free and delete outside any lock."""
+
+    records: list[Record]
+    spill_path: Path | None
+
+    def run(self) -> None:
+        self.records.clear()
+        if self.spill_path is not None:
+            self.spill_path.unlink(missing_ok=True)

@@ -33,7 +33,13 @@ from ._compression import (
     sample_pays_off,
 )
 from ._dtypes import byte_view, check_sendable
-from ._errors import ChunkingError, ClosedError, TransportError, ZmqTimeoutError
+from ._errors import (
+    ChunkingError,
+    ClosedError,
+    IncompleteResultError,
+    TransportError,
+    ZmqTimeoutError,
+)
 from ._wire import (
     ChunkHeader,
     Message,
@@ -163,13 +169,17 @@ class ResultStream:
         writer.write((0,) * data.ndim, data)
         writer.end()
 
+    def end_results(self) -> None:
+        """End every open result; raises :class:`IncompleteResultError` for a partial one."""
+        for writer in self._writers.values():
+            writer.end()
+
     def close(self, status: str = "completed", error: Mapping[str, str] | None = None) -> None:
         """End every open result and send the stream's end; later calls do nothing."""
         if self._closed:
             return
         if status == "completed":
-            for writer in self._writers.values():
-                writer.end()
+            self.end_results()
         self._send_single(StreamEnd(self.exec_id, status, dict(error) if error else None))
         self._closed = True
 
@@ -283,10 +293,24 @@ class ResultWriter:
         self.write(self._extent0, data)
 
     def end(self) -> None:
-        """Send this result's totals; later calls do nothing."""
+        """Send this result's totals; later calls do nothing.
+
+        Raises :class:`IncompleteResultError`, sending nothing, when the
+        regions written do not cover the whole result (its declared shape, or
+        for an open length the rows up to the furthest one written): a
+        receiver would otherwise report a result with unwritten parts as
+        complete.
+        """
         if self._ended:
             return
         shape = tuple(self._extent0 if n is None else n for n in self.shape)
+        expected = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        if self._nbytes != expected:
+            raise IncompleteResultError(
+                f"result {self.name!r} of execution {self._stream.exec_id} ends with "
+                f"{self._nbytes} of its {expected} bytes written (shape {shape}); write "
+                "every region before the pipeline returns"
+            )
         self._stream._send_single(
             ResultEnd(self._stream.exec_id, self.name, self._seq, self._nbytes, shape)
         )

@@ -3,15 +3,19 @@
 Threads and sockets
 -------------------
 - The control loop (the thread that calls :meth:`ExecutionServer.serve_forever`)
-  owns the ROUTER socket and answers every request itself. Handlers only
-  update tables and start threads, so a reply never waits on a data transfer.
+  owns the ROUTER socket, in a ZeroMQ context of its own, and replies to
+  every request itself. Handlers only update tables and start threads, so a reply
+  never waits on a data transfer.
 - The ingest thread owns a PULL socket that every worker's PUSH socket
   connects to; it appends each message to the execution's retained stream.
 - Each fetch runs a :class:`Transfer` thread with its own two sockets.
 - The executor's monitor thread delivers worker events (started, progress,
   values, exit) through :meth:`ExecutionServer._on_executor_event`.
+- The retention store's cleanup thread frees released or expired results and
+  deletes their spill files, so the control loop never waits for that.
 
-One re-entrant lock guards the execution table and the records in it.
+One re-entrant lock guards the execution table and the records in it. The
+ingest thread writes spilled payloads to disk without holding it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ._errors import ExecutionNotFoundError, ProtocolError, ZmqRuntimeError
 from ._execution import TERMINAL_STATES, ExecutionRecord, ServerConfig, crash_error
 from ._executor import Executor, Job, ProcessExecutor
 from ._ingest import Ingest
+from ._priority import lower_new_zmq_threads, zmq_thread_ids
 from ._retention import RetentionStore
 from ._spawn import EndpointLock, bind_or_raise
 from ._transfer import Transfer
@@ -61,6 +66,10 @@ STREAM_END_GRACE = 5.0
 # are forgotten (their results released), so a long-running server stays
 # within a fixed memory bound.
 MAX_FINISHED_RECORDS = 10_000
+
+# How often the control loop finalizes exited executions, trims old records,
+# expires results and checks the idle timeout, in milliseconds.
+HOUSEKEEPING_INTERVAL_MS = 100
 
 Handler = Callable[[dict[str, Any], str], dict[str, Any]]
 
@@ -117,10 +126,14 @@ class ExecutionServer:
         """
         self._lock_file = EndpointLock(self.config.endpoint)
         self._lock_file.acquire_or_raise()
+        self._control_context: zmq.Context[Any] = zmq.Context()
+        self._context: zmq.Context[Any] = zmq.Context()
         try:
             self._open_sockets()
         except BaseException:
-            self._lock_file.release()
+            self._control_context.destroy(linger=0)
+            self._context.destroy(linger=0)
+            self._lock_file.release(delete=True)
             raise
 
         self._retention = RetentionStore(self.config.memory_limit, self.config.spill_dir)
@@ -144,8 +157,10 @@ class ExecutionServer:
         )
 
     def _open_sockets(self) -> None:
-        self._context: zmq.Context[Any] = zmq.Context()
-        self._router = self._context.socket(zmq.ROUTER)
+        # The control socket has a context of its own, so its I/O thread is
+        # idle between requests: replies never queue behind the gigabytes the
+        # data context's I/O thread moves, and the OS wakes it at once.
+        self._router = self._control_context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._endpoint = bind_or_raise(self._router, self.config.endpoint)
 
@@ -155,7 +170,10 @@ class ExecutionServer:
             self._bind_base = f"ipc://{self._ipc_dir}/t"
         else:
             self._bind_base = "tcp://127.0.0.1" if self.config.host is None else self.config.host
+        # The data context's libzmq threads start with its first socket.
+        zmq_threads = zmq_thread_ids()
         self._ingest_socket = self._context.socket(zmq.PULL)
+        lower_new_zmq_threads(zmq_threads, self.config.data_nice)
         self._ingest_socket.setsockopt(zmq.LINGER, 0)
         self._ingest_socket.setsockopt(zmq.RCVHWM, self.config.ingest_hwm)
         if self._ipc_dir is not None:
@@ -171,11 +189,17 @@ class ExecutionServer:
             self.start()
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
+        next_housekeeping = 0.0
         try:
             while not self._stop.is_set():
-                if poller.poll(100):
+                if poller.poll(HOUSEKEEPING_INTERVAL_MS):
                     self._serve_one()
-                self._housekeeping()
+                # Housekeeping scans every record, so it runs on a timer, not
+                # after every request.
+                now = time.monotonic()
+                if now >= next_housekeeping:
+                    self._housekeeping()
+                    next_housekeeping = now + HOUSEKEEPING_INTERVAL_MS / 1000
         finally:
             self._close()
 
@@ -202,10 +226,11 @@ class ExecutionServer:
         self._ingest.stop()
         self._retention.close()
         self._router.close(linger=0)
+        self._control_context.term()
         self._context.term()
         if self._ipc_dir is not None:
             _remove_dir(self._ipc_dir)
-        self._lock_file.release()
+        self._lock_file.release(delete=True)
         logger.info("zmqruntime server pid %d on %s stopped", os.getpid(), self._endpoint)
 
     # ------------------------------------------------------------------ requests
@@ -338,6 +363,7 @@ class ExecutionServer:
             names=names,
             compression=None if compression is None else _as_compression(compression),
             on_done=self._transfer_done,
+            nice=self.config.data_nice,
         )
         with self._lock:
             self._transfers[transfer.transfer_id] = transfer
@@ -358,8 +384,10 @@ class ExecutionServer:
     def _handle_release(self, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         with self._lock:
             record = self._record(body.get("exec_id"))
-            released = self._retention.release(record.exec_id)
             record.results_released = True
+        # Outside the server lock, and the cleanup runs in the background:
+        # deleting a large spill file takes a while.
+        released = self._retention.release(record.exec_id, background=True)
         if released:
             logger.info("execution %s: results released", record.exec_id)
         return {"released": released}
@@ -417,13 +445,28 @@ class ExecutionServer:
                 record.exitcode = event.get("exitcode")
                 self._maybe_finalize(record)
 
-    def on_stream_end(self, exec_id: str) -> None:
-        """Called by the ingest thread once an execution's stream end was retained."""
+    def on_stream_end(self, end: StreamEnd) -> None:
+        """Apply the worker's stream end; the ingest thread calls this once it was retained.
+
+        The caller has acquired :attr:`lock` and sealed the stream under it. The
+        execution takes the outcome in ``end`` at once, before its worker
+        process exits, so a client that received the stream end (a
+        ``RemoteError``, say) gets the same state from its next status call.
+        A cancel requested earlier still ends as cancelled when the worker exits.
+        """
         with self._lock:
-            record = self._executions.get(exec_id)
-            if record is not None:
-                record.stream_ended = True
+            record = self._executions.get(end.exec_id)
+            if record is None:
+                return
+            record.stream_ended = True
+            if record.state in TERMINAL_STATES or record.cancel_requested:
+                return
+            if end.status not in TERMINAL_STATES:
                 self._maybe_finalize(record)
+                return
+            record.error = dict(end.error) if end.error else None
+            record.finished_at = time.time()
+            self._set_state(record, end.status)
 
     def execution(self, exec_id: str) -> ExecutionRecord | None:
         """Return the record of ``exec_id`` (caller holds :attr:`lock`), or None."""
@@ -519,7 +562,7 @@ class ExecutionServer:
         record = self._executions.pop(exec_id, None)
         if record is not None:
             self._request_ids.pop(record.request_id, None)
-        self._retention.release(exec_id)
+        self._retention.release(exec_id, background=True)
 
     def _check_idle(self) -> None:
         idle_timeout = self.config.idle_timeout

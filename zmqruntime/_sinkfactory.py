@@ -1,10 +1,11 @@
 """Turn the ``sink=`` argument of a fetch into one sink per result.
 
 The rules are those of :func:`sinks.resolve_sinks` (one argument, one sink per
-result name). A fetch does not always know every result name in advance (a
-live fetch learns them as the pipeline declares them). Then every result gets
-its per-result target from the start (``out.<name>.npy``, ``out.zarr/<name>``),
-so the layout does not depend on when the fetch began.
+result name). Unless the caller names the results it fetches, every result
+gets its per-result target (``out.<name>.npy``, ``out.zarr/<name>``), one
+result alone included, so the layout never depends on whether the fetch
+began before or after the run ended. With exactly one name in ``names=``
+the path is used as given.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ dies) guard an endpoint:
 - the *spawn lock*, held by a client while it checks for a server and starts
   one, so clients racing on one port end with exactly one server.
 
-Lock files live beside an ipc socket file, or in the temp directory for tcp.
+Lock files live beside an ipc socket file. For tcp they live in the runtime
+directory: ``$ZMQRUNTIME_RUNTIME_DIR`` if set, else the system temp directory.
+A server deletes its lock file when it stops; a spawned server's log file stays
+beside the lock file for debugging.
 """
 
 from __future__ import annotations
@@ -29,9 +32,19 @@ import zmq
 
 from ._errors import TransportError, ZmqRuntimeError
 
-__all__ = ["EndpointInUseError", "EndpointLock", "bind_or_raise", "spawn_server"]
+__all__ = [
+    "RUNTIME_DIR_VARIABLE",
+    "EndpointInUseError",
+    "EndpointLock",
+    "bind_or_raise",
+    "runtime_dir",
+    "spawn_server",
+]
 
 logger = logging.getLogger(__name__)
+
+# Environment variable naming the directory for tcp endpoints' lock and log files.
+RUNTIME_DIR_VARIABLE = "ZMQRUNTIME_RUNTIME_DIR"
 
 try:
     import fcntl
@@ -48,7 +61,21 @@ def lock_path(endpoint: str, purpose: str) -> Path:
     if endpoint.startswith("ipc://"):
         return Path(f"{endpoint[len('ipc://') :]}.{purpose}.lock")
     safe = re.sub(r"[^A-Za-z0-9.]+", "-", endpoint)
-    return Path(tempfile.gettempdir()) / f"zmqruntime-{safe}.{purpose}.lock"
+    return runtime_dir() / f"zmqruntime-{safe}.{purpose}.lock"
+
+
+def runtime_dir() -> Path:
+    """Return the directory for tcp endpoints' lock and log files.
+
+    ``$ZMQRUNTIME_RUNTIME_DIR`` when set (created if missing), else the system
+    temp directory. A spawned server inherits the variable from its client.
+    """
+    configured = os.environ.get(RUNTIME_DIR_VARIABLE)
+    if not configured:
+        return Path(tempfile.gettempdir())
+    path = Path(configured)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class EndpointLock:
@@ -70,14 +97,22 @@ class EndpointLock:
         """Take the lock without waiting; False if another process holds it."""
         if fcntl is None or self._wildcard():
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # A holder may delete the file as it releases (see release). After
+        # locking, check that the path still names the locked file, and lock
+        # the new file if not. Each retry means another process released in
+        # between, so a few tries suffice; the bound keeps the loop finite.
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            if _same_file(fd, self.path):
+                self._fd = fd
+                return True
             os.close(fd)
-            return False
-        self._fd = fd
-        return True
+        return False
 
     def acquire(self, timeout: float) -> bool:
         """Take the lock, waiting up to ``timeout`` seconds; False on timeout."""
@@ -97,12 +132,27 @@ class EndpointLock:
                 "connect to it, or stop it first"
             )
 
-    def release(self) -> None:
-        """Release the lock; releasing twice does nothing. The lock file stays."""
+    def release(self, *, delete: bool = False) -> None:
+        """Release the lock; releasing twice does nothing.
+
+        With ``delete`` the lock file is removed first, while still locked, so
+        a process waiting on it retries on a fresh file (see :meth:`try_acquire`).
+        """
         if self._fd is not None and fcntl is not None:
+            if delete:
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
         self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def bind_or_raise(socket: zmq.Socket[Any], endpoint: str) -> str:
@@ -189,7 +239,7 @@ def spawn_server(
             f"see its log {log_path}{_log_tail(log_path)}"
         )
     finally:
-        spawn_lock.release()
+        spawn_lock.release(delete=True)
 
 
 def _start_detached(command: list[str], log_path: Path) -> None:

@@ -89,7 +89,9 @@ class ExecutionStatus:
     ``error`` maps ``"type"``, ``"message"`` and ``"traceback"`` for a failure
     (type ``"WorkerCrashed"`` with the exit code or signal for a crash).
     ``values`` holds what the pipeline stored with ``ctx.set_value`` and its
-    small return value under ``"return"``.
+    small return value under ``"return"``. The state becomes final as soon as
+    the server has the worker's stream end, so ``exitcode`` can still be None
+    for a short while after that, until the worker process has exited.
     """
 
     exec_id: str

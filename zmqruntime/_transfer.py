@@ -30,6 +30,7 @@ import zmq
 from ._compression import Compression
 from ._control import CONTROL_PROTOCOL_VERSION, pack_value, unpack_value
 from ._errors import HeaderDecodeError
+from ._priority import lower_current_thread
 from ._retention import Record, RetainedStream
 from ._sender import encode_chunk
 from ._wire import ChunkHeader, ResultDeclaration, decode_message, encode_message
@@ -80,6 +81,9 @@ class Transfer:
         Recompress raw chunks for this client, or None to send them as stored.
     on_done:
         Called with the transfer once its thread ends, whatever the reason.
+    nice:
+        Nice increment of the transfer's thread, so control requests run
+        first on a saturated machine (Linux only); 0 keeps the creator's.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class Transfer:
         names: Collection[str] | None = None,
         compression: Compression | None = None,
         on_done: Callable[[Transfer], None] | None = None,
+        nice: int = 0,
     ) -> None:
         self.transfer_id = next(_transfer_ids)
         self.stream = stream
@@ -103,6 +108,7 @@ class Transfer:
         self._names = None if names is None else frozenset(names)
         self._compression = compression
         self._on_done = on_done
+        self._nice = nice
         self._itemsizes: dict[str, int] = {}
         self._in_flight = 0
         self._stop = threading.Event()
@@ -131,6 +137,7 @@ class Transfer:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        lower_current_thread(self._nice)
         try:
             self.outcome = self._stream_records()
             if self.outcome == "sent":

@@ -118,6 +118,9 @@ def _run_pipeline(ctx: PipelineContext, job: dict[str, Any]) -> tuple[str, dict[
         config = load_config(job.get("config"))
         result = function(ctx, config)
         _send_return_value(ctx, result)
+        # Ending the results here reports a partly written one as this
+        # execution's failure, with its message, instead of crashing the worker.
+        ctx._stream.end_results()
     except ExecutionCancelledError:
         return "cancelled", None
     except Exception as exc:

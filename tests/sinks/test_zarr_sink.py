@@ -410,3 +410,17 @@ def test_zarr_sink_direct_io_chunk_files_match_zarr_reads(tmp_path: Path) -> Non
     chunk_file = root / "c" / "0" / "0"
     assert chunk_file.stat().st_size == 6000
     assert not list(root.rglob("*.partial"))
+
+
+@pytest.mark.filterwarnings("ignore::zarr.errors.UnstableSpecificationWarning")
+def test_zarr_sink_big_endian_field_reopens_with_same_values(tmp_path: Path) -> None:
+    dtype = np.dtype([("a", "<i2"), ("b", ">f8")])
+    data = np.array([(1, 0.0204), (2, -3.5), (3, 1e300)], dtype=dtype)
+    spec = ArraySpec("s", data.shape, dtype, (2,))
+    root = tmp_path / "fields.zarr"
+
+    stream(ZarrSink(root), spec, data, mode="owned")
+    reopened = zarr.open_array(root, mode="r")[...]
+
+    np.testing.assert_array_equal(reopened["a"], data["a"])
+    np.testing.assert_array_equal(reopened["b"], data["b"])

@@ -40,13 +40,21 @@ def test_cli_status_list_results_cancel(tmp_path: Path, capsys: pytest.CaptureFi
         list_text = capsys.readouterr().out
         assert main(["results", done, "--sink", str(out), "--no-progress", *common]) == 0
         results_text = capsys.readouterr().out
+        named = ["results", done, "--sink", str(out), "--name", "stack", "--no-progress"]
+        assert main([*named, *common]) == 0
+        named_text = capsys.readouterr().out
         assert main(["cancel", sleeper, *common]) == 0
         assert main(["cancel", "missing", *common]) == 1
         cancel_err = capsys.readouterr().err
 
     assert '"state": "completed"' in status_text
     assert done in list_text and sleeper in list_text
+    assert "3/3 chunks" in list_text
+    assert "results: stack [3, 32, 32] <u2" in list_text
     assert "stack: shape (3, 32, 32)" in results_text
+    # A path is a base for every result unless --name picks exactly one.
+    assert np.load(tmp_path / "stack.stack.npy").shape == (3, 32, 32)
+    assert str(out) in named_text
     assert np.load(out).shape == (3, 32, 32)
     assert "missing" in cancel_err
 
@@ -79,3 +87,24 @@ def test_cli_client_command_without_server_fails(tmp_path: Path) -> None:
     code = main(["status", "x", "--endpoint", f"ipc://{tmp_path}/none.sock", "--timeout", "0.3"])
     assert code == 1
     assert time.monotonic() - start < 1.0
+
+
+def test_cli_results_zarr_prints_array_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.zarr"
+    code = (
+        "import numpy as np\n"
+        "def pipeline(ctx, config):\n"
+        "    yield 'a', np.ones((2, 3), np.uint8)\n"
+        "    yield 'b', np.arange(4.0)\n"
+    )
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(code)
+        client.wait(exec_id, timeout=30)
+        common = ["--endpoint", server.endpoint, "--no-progress"]
+        assert main(["results", exec_id, "--sink", str(out), *common]) == 0
+        text = capsys.readouterr().out
+
+    assert f"a: shape (2, 3) dtype uint8 -> {out / 'a'}" in text
+    assert f"b: shape (4,) dtype float64 -> {out / 'b'}" in text

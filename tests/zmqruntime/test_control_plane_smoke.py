@@ -22,7 +22,8 @@ def test_smoke_execute_latency() -> None:
 
 def test_smoke_status_while_streaming() -> None:
     numbers = measure_status_while_streaming(frames=4, samples=30)
-    assert numbers["status_p99_streaming_ms"] < 500
+    assert numbers["status_p99_streaming_5ms_polls_ms"] < 500
+    assert numbers["status_p99_streaming_back_to_back_ms"] < 500
 
 
 def test_smoke_spawn(tmp_path: Path) -> None:
@@ -30,6 +31,8 @@ def test_smoke_spawn(tmp_path: Path) -> None:
 
 
 def test_smoke_resources_stay_bounded() -> None:
-    rows = measure_resources(30)
+    # 100 executions take about 2 s; the benchmark module runs 1000.
+    rows = measure_resources(100)
     assert max(rows["fds"]) - min(rows["fds"]) <= 8
     assert max(rows["threads"]) - min(rows["threads"]) <= 4
+    assert max(rows["rss_mib"]) - min(rows["rss_mib"]) <= 32

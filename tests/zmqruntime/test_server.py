@@ -47,7 +47,8 @@ def test_server_results_into_memmap_after_run(tmp_path: os.PathLike[str]) -> Non
         client.wait(exec_id, timeout=30)
         client.get_results(exec_id, target)
 
-    stack = np.load(target, mmap_mode="r")
+    # A path is the base of every result's file, so "stack" goes to out.stack.npy.
+    stack = np.load(os.path.join(tmp_path, "out.stack.npy"), mmap_mode="r")
     assert stack.shape == (3, 16, 16)
     assert int(stack[2, 5, 5]) == 2
 
@@ -74,6 +75,23 @@ def test_server_pipeline_error_has_type_and_traceback() -> None:
     assert "bad threshold 7" in status.error["message"]
     assert "raise ValueError" in status.error["traceback"]
     assert info.value.type_name == "builtins.ValueError"
+
+
+def test_server_partly_written_result_fails_execution() -> None:
+    code = (
+        "import numpy as np\n"
+        "def pipeline(ctx, config):\n"
+        "    writer = ctx.declare('grid', (3, 4), 'float32', chunks=(1, 4))\n"
+        "    writer.write(0, np.ones(4, np.float32))\n"
+    )
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(code)
+        status = client.wait(exec_id, timeout=30)
+
+    assert status.state is ExecutionState.FAILED
+    assert status.error is not None
+    assert status.error["type"].endswith("IncompleteResultError")
+    assert "16 of its 48 bytes" in status.error["message"]
 
 
 def test_server_survives_segfaulting_pipeline() -> None:
@@ -225,6 +243,10 @@ def test_server_spills_past_memory_limit_and_release_removes(tmp_path: os.PathLi
         spilled = os.listdir(spill_dir)
         results = client.get_results(exec_id)
         released = client.release(exec_id)
+        # The server deletes spill files in the background after a release.
+        deadline = time.monotonic() + 5
+        while os.listdir(spill_dir) and time.monotonic() < deadline:
+            time.sleep(0.01)
         left = os.listdir(spill_dir)
         with pytest.raises(ExecutionNotFoundError, match="released"):
             client.get_results(exec_id)
@@ -285,3 +307,41 @@ def test_server_logs_transitions_with_id(caplog: pytest.LogCaptureFixture) -> No
     assert f"execution {exec_id}: queued -> running" in text
     assert f"execution {exec_id}: running -> completed" in text
     assert "stopped" in text
+
+
+def test_server_status_failed_once_client_saw_error() -> None:
+    # A non-daemon thread keeps the worker process alive for 2 s after the
+    # pipeline failed and its stream end went out.
+    code = """
+import threading
+import time
+
+def pipeline(ctx, config):
+    threading.Thread(target=time.sleep, args=(2.0,)).start()
+    raise ValueError("bad input")
+"""
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(code)
+        with pytest.raises(RemoteError, match="bad input"):
+            client.get_results(exec_id)
+        status = client.get_status(exec_id)
+        client.wait(exec_id, timeout=10)
+    assert status.state is ExecutionState.FAILED
+    assert status.error is not None
+    assert status.error["type"] == "builtins.ValueError"
+    assert status.finished_at is not None
+
+
+def test_server_list_has_progress_and_results() -> None:
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 3})
+        client.wait(exec_id, timeout=30)
+        (row,) = client.list_executions()
+    assert row.exec_id == exec_id
+    assert row.progress.chunks_done == 3
+    assert row.progress.chunks_total == 3
+    assert row.progress.bytes_total == 3 * 32 * 32 * 2
+    assert row.results["stack"].shape == (3, 32, 32)
+    assert row.results["stack"].dtype == "<u2"
+    assert row.results["stack"].complete
+    assert row.values == {}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -9,6 +10,7 @@ import psutil
 import pytest
 
 from zmqruntime import EndpointInUseError, ExecutionClient, ExecutionServer, ServerConfig
+from zmqruntime._spawn import EndpointLock
 
 from .control_helpers import FRAMES_PIPELINE
 
@@ -87,3 +89,47 @@ def test_spawned_server_exits_when_idle(tmp_path: Path) -> None:
     with ExecutionClient(endpoint=endpoint, timeout=10, idle_timeout=0.5) as client:
         pid = client.ping()["pid"]
     assert _wait_gone(pid, timeout=10)
+
+
+def test_spawn_tcp_lock_and_log_in_runtime_dir(zmqruntime_runtime_dir: Path) -> None:
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    with ExecutionClient(endpoint=endpoint, timeout=10, idle_timeout=30) as client:
+        pid = client.ping()["pid"]
+        files_while_running = sorted(p.name for p in zmqruntime_runtime_dir.iterdir())
+        client.shutdown()
+    assert _wait_gone(pid)
+
+    left = sorted(p.name for p in zmqruntime_runtime_dir.iterdir())
+    stem = "zmqruntime-tcp-127.0.0.1-" + endpoint.rsplit(":", 1)[1]
+    assert f"{stem}.server.lock" in files_while_running
+    assert left == [f"{stem}.server.log"]
+
+
+def test_server_removes_ipc_lock_on_stop(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/locked.sock"
+    server = ExecutionServer(ServerConfig(endpoint=endpoint))
+    thread = server.serve_in_thread()
+    lock = tmp_path / "locked.sock.server.lock"
+    lock_while_running = lock.exists()
+    server.stop()
+    thread.join(10)
+    assert lock_while_running
+    assert not lock.exists()
+
+
+def test_endpoint_lock_survives_deletion_race(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/race.sock"
+    first = EndpointLock(endpoint)
+    second = EndpointLock(endpoint)
+    assert first.try_acquire()
+    assert not second.try_acquire()
+    first.release(delete=True)
+    assert second.try_acquire()
+    assert not EndpointLock(endpoint).try_acquire()
+    second.release(delete=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

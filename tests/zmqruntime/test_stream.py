@@ -14,6 +14,7 @@ from sinks import ArraySpec, MemmapSink, MemorySink, Region, Sink, ZarrSink
 from zmqruntime import (
     ChunkReceived,
     Compression,
+    IncompleteResultError,
     ResultStream,
     StreamReceiver,
     ZmqTimeoutError,
@@ -376,3 +377,13 @@ def test_stream_blosc1_chunks_stored_verbatim_in_zarr(
     rows = values["stack"].chunks[0]
     stored = (root / "c" / "0" / "0" / "0").read_bytes()
     assert numcodecs.Blosc().decode(stored) == array[:rows].tobytes()
+
+
+def test_writer_end_rejects_partly_written_result(push_pull: Pair) -> None:
+    push, _ = push_pull
+    stream = ResultStream(push, "e1", timeout=5)
+    writer = stream.declare("grid", (3, 4), np.float32, chunks=(1, 4))
+    writer.write(0, np.ones(4, np.float32))
+
+    with pytest.raises(IncompleteResultError, match="16 of its 48 bytes"):
+        writer.end()
