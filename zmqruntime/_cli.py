@@ -17,7 +17,7 @@ from ._client import ExecutionClient
 from ._errors import ZmqRuntimeError
 from ._execution import ServerConfig
 from ._server import ExecutionServer
-from ._status import ExecutionStatus
+from ._status import ExecutionState, ExecutionStatus
 
 __all__ = ["main"]
 
@@ -127,6 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--state",
         action="append",
         default=None,
+        choices=[state.value for state in ExecutionState],
         help="only this state; repeat for several (default: all)",
     )
     _add_connection_options(listing)

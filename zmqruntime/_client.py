@@ -385,6 +385,9 @@ class ExecutionClient:
             The execution was cancelled.
         IncompleteResultError
             A chunk is missing; fetching again by id gets the whole result.
+        ExecutionNotFoundError
+            The execution is unknown, or a name in ``names`` is not one of its
+            results.
         """
         values: dict[str, Any] = {}
         bar = _progress_bar(self, exec_id) if progress else None
@@ -404,6 +407,12 @@ class ExecutionClient:
         finally:
             if bar is not None:
                 bar.close()
+        missing = sorted(set(names or ()) - set(values))
+        if missing:
+            raise ExecutionNotFoundError(
+                f"execution {exec_id} has no result named {', '.join(map(repr, missing))}; it "
+                f"sent {sorted(values) or 'none of them'}, and get_status lists its results"
+            )
         if release:
             self.release(exec_id)
         return values
@@ -412,12 +421,7 @@ class ExecutionClient:
         self, exec_id: str, name: str, sink: SinkArgument = "memory", **kwargs: Any
     ) -> Any:
         """Fetch one result by name and return its sink's handle (see :meth:`get_results`)."""
-        values = self.get_results(exec_id, sink, names=[name], **kwargs)
-        if name not in values:
-            raise ExecutionNotFoundError(
-                f"execution {exec_id} has no result {name!r}; its status lists its results"
-            )
-        return values[name]
+        return self.get_results(exec_id, sink, names=[name], **kwargs)[name]
 
     def iter_results(
         self,
@@ -435,6 +439,11 @@ class ExecutionClient:
         the iterator early closes the fetch's sockets; the server drops the
         transfer once it notices (at most its transfer timeout later).
         """
+        if window_bytes is not None and window_bytes < 1:
+            raise ValueError(
+                f"window_bytes={window_bytes} must be at least 1; pass None for the "
+                "server's default window"
+            )
         body = {
             "exec_id": exec_id,
             "names": list(names) if names is not None else None,

@@ -266,6 +266,9 @@ class StreamReceiver:
         target = dest if dest is not None and dest.flags.c_contiguous else None
         buffer = byte_view(target) if target is not None else self._scratch_bytes(header.nbytes)
 
+        # NOTE: a payload of the wrong size is copied into the destination
+        # before this check rejects it. The region stays uncommitted, but a
+        # memory sink's array keeps those bytes.
         received = self._recv_into(buffer)
         if received != header.nbytes:
             raise PayloadSizeError(
@@ -362,7 +365,8 @@ class StreamReceiver:
             return
 
         error = dict(end.error or {})
-        self.abort(f"execution {end.status}: {error.get('message', '')}")
+        message = error.get("message")
+        self.abort(f"execution {end.status}: {message}" if message else f"execution {end.status}")
         if end.status == "cancelled":
             raise ExecutionCancelledError(f"execution {self.exec_id} was cancelled")
         raise RemoteError(

@@ -40,6 +40,17 @@ def test_server_execute_status_and_results() -> None:
     np.testing.assert_array_equal(results["stack"][:, 0, 0], np.arange(6))
 
 
+def test_client_unknown_result_name_raises_naming_it() -> None:
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 2})
+        client.wait(exec_id, timeout=30)
+
+        with pytest.raises(ExecutionNotFoundError, match="'nope'"):
+            client.get_results(exec_id, names=["nope"])
+        with pytest.raises(ValueError, match="window_bytes=0"):
+            client.get_results(exec_id, window_bytes=0)
+
+
 def test_server_results_into_memmap_after_run(tmp_path: os.PathLike[str]) -> None:
     target = os.path.join(tmp_path, "out.npy")
     with running_server() as server, connected_client(server) as client:
