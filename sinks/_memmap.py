@@ -42,7 +42,7 @@ class MemmapSink(Sink):
     A region that is contiguous in the file (whole frames, or whole rows of
     one frame) is written with ``os.pwrite``, one copy into the page cache.
     :meth:`write_owned` queues that write for a background thread, so the
-    receiver goes on receiving while the kernel copies; other regions are
+    receiver goes on receiving while the kernel copies. Other regions are
     copied through a memory map of the file. :meth:`destination` returns
     None: writing through a shared file mapping costs a page fault per 4 KiB
     and ran slower than ``pwrite`` here.
@@ -287,7 +287,7 @@ class MemmapSink(Sink):
         )
 
     def _direct_ok(self, region: Region, offset: int, payload: memoryview) -> bool:
-        """Whether a direct write of ``region`` touches only blocks no other region shares.
+        """Check that a direct write of ``region`` touches only blocks no other region shares.
 
         It must start on a block boundary and end on one, or end where the
         fixed-shape array ends (the padding then lies past the data and is

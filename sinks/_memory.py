@@ -33,7 +33,7 @@ class MemorySink(Sink):
     ``recv_into`` writes straight into the result without an extra copy.
     Unwritten elements are zero. A fixed-shape result of 64 MiB or more is
     backed by an anonymous mapping whose pages a background thread faults in
-    ahead of the receiver; the thread stops at :meth:`finalize` or
+    ahead of the receiver. The thread stops at :meth:`finalize` or
     :meth:`abort`.
 
     Parameters

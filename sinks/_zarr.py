@@ -556,7 +556,7 @@ class ZarrSink(Sink):
             with _CHUNK_LOCKS.hold(self._store_id, array.store_path.path, [plan.coords]):
                 encoded = internals.encode_chunk(array, plan.coords, chunk)
                 if encoded is not None:
-                    # Nobody modifies owned data, so even an aliasing encoding is safe to keep.
+                    # Owned data is never modified, so even an aliasing encoding is safe to keep.
                     self._put_chunk(plan.coords, encoded, copy=False)
         finally:
             self._require_pool().release(token, job_done=True)

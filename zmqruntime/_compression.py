@@ -175,8 +175,8 @@ def sample_pays_off(raw: memoryview, itemsize: int, compression: Compression) ->
     """Compress a sample of ``raw`` and decide whether Blosc2 pays on this link."""
     link = compression.link_bytes_per_s or _LOCAL_LINK_BYTES_PER_S
     if link >= _LOCAL_LINK_BYTES_PER_S:
-        # No compressor comes near a local link's speed, so sampling cannot
-        # change the answer: send raw without spending CPU on a sample.
+        # No compressor comes near a local link's speed, so a sample cannot
+        # change the decision. Send raw without spending CPU on one.
         return False
 
     typesize = typesize_for(itemsize)

@@ -9,7 +9,7 @@ sink whose ``takes_ownership`` is set (memmap, zarr) is handed the received
 frame itself through ``Sink.write_owned`` and stores it from there, often in
 a background thread. A compressed chunk is decompressed straight into the
 region. Otherwise one scratch buffer of one chunk is used and reused. The
-receiver holds at most what the socket's receive high-water mark queues plus
+receiver keeps at most what the socket's receive high-water mark queues plus
 what the sink queues (bounded by the sink's ``max_pending_bytes``), never the
 whole array: give the PULL socket a small ``RCVHWM`` (see :data:`DEFAULT_HWM`).
 """

@@ -296,10 +296,9 @@ class ResultWriter:
         """Send this result's totals; later calls do nothing.
 
         Raises :class:`IncompleteResultError`, sending nothing, when the
-        regions written do not cover the whole result (its declared shape, or
-        for an open length the rows up to the furthest one written): a
-        receiver would otherwise report a result with unwritten parts as
-        complete.
+        regions written do not cover the whole result: its declared shape, or
+        for an open length the rows up to the furthest one written. Otherwise
+        a receiver would report a result with unwritten parts as complete.
         """
         if self._ended:
             return
