@@ -12,6 +12,8 @@ statistics and writes ``live.png`` every few images.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -102,13 +104,13 @@ def run_headless(client: ExecutionClient, exec_id: str, output: Path) -> None:
 
 def run_napari(client: ExecutionClient, exec_id: str) -> None:
     # NOTE: not run by the tests, because napari is not installed there.
-    import napari
-    from napari.qt.threading import thread_worker
+    import napari  # type: ignore[import-not-found]
+    from napari.qt.threading import thread_worker  # type: ignore[import-not-found]
 
     viewer = napari.Viewer()
     layer = viewer.add_image(np.zeros((2, 128, 128), np.float32), channel_axis=0)
 
-    @thread_worker
+    @thread_worker  # type: ignore[untyped-decorator]
     def fetch() -> Any:
         frames: list[npt.NDArray[Any]] = []
         sink = sink_for(lambda index, image: frames.append(np.array(image)))
@@ -135,6 +137,14 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="folder for live.png")
     parser.add_argument("--shutdown", action="store_true", help="stop the server at the end")
     args = parser.parse_args()
+    # Checked before any server starts, so a missing viewer costs nothing.
+    if args.napari and importlib.util.find_spec("napari") is None:
+        print(
+            "error: --napari needs napari, which is not installed; install it with "
+            "pip install 'napari[all]', or run without --napari for the headless viewer",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     output = args.output or Path(tempfile.mkdtemp(prefix="zmqruntime-live-"))
     output.mkdir(parents=True, exist_ok=True)
 

@@ -1,7 +1,8 @@
 """Stream your own multi-page TIFF into a zarr v3 array, one page at a time.
 
-Run: ``python examples/tiff_to_zarr.py STACK.tif OUT.zarr [--port 5555] [--shutdown]``,
-or ``--make-sample STACK.tif`` first to write a small test stack. The pipeline
+Run: ``python examples/tiff_to_zarr.py STACK.tif [OUT.zarr] [--port 5555] [--shutdown]``.
+Without OUT.zarr the store is written beside the input as ``STACK.zarr``. Add
+``--make-sample`` to first write a small test stack to STACK.tif. The pipeline
 reads the file on the server, which runs on this machine, so give a path it can
 read. To segment and measure the images instead, run
 ``python -m zmqruntime.demo --input STACK.tif``.
@@ -10,6 +11,7 @@ read. To segment and measure the images instead, run
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +50,15 @@ def make_sample(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tiff", type=Path, help="multi-page TIFF to read")
-    parser.add_argument("zarr", type=Path, nargs="?", help="zarr store to write (a .zarr folder)")
-    parser.add_argument("--make-sample", action="store_true", help="first write a sample TIFF")
+    parser.add_argument(
+        "zarr",
+        type=Path,
+        nargs="?",
+        help="zarr store to write (a .zarr folder); default: the TIFF path with suffix .zarr",
+    )
+    parser.add_argument(
+        "--make-sample", action="store_true", help="first write a sample TIFF to the TIFF path"
+    )
     parser.add_argument("--port", type=int, default=5555, help="server port (default 5555)")
     parser.add_argument("--shutdown", action="store_true", help="stop the server at the end")
     args = parser.parse_args()
@@ -57,8 +66,19 @@ def main() -> None:
     if args.make_sample:
         make_sample(args.tiff)
         print(f"wrote sample stack {args.tiff}")
+    if not args.tiff.is_file():
+        print(
+            f"error: TIFF file {args.tiff} not found; pass an existing multi-page TIFF, "
+            "or add --make-sample to write a sample stack there first",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if args.zarr is None:
-        return
+        args.zarr = args.tiff.with_suffix(".zarr")
+        print(f"no output path given; writing {args.zarr}")
+    if args.zarr.exists():
+        print(f"error: {args.zarr} exists; remove it or pass another output path", file=sys.stderr)
+        sys.exit(2)
 
     with ExecutionClient(port=args.port) as client:
         exec_id = client.execute(PIPELINE, {"path": str(args.tiff.resolve())})

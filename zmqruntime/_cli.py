@@ -8,10 +8,10 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ._client import ExecutionClient
 from ._errors import ZmqRuntimeError
@@ -22,6 +22,8 @@ from ._status import ExecutionState, ExecutionStatus
 __all__ = ["main"]
 
 _MIB = 1 << 20
+
+_Number = TypeVar("_Number", int, float)
 
 # GIL switch interval of a server process started by ``serve``, in seconds.
 SERVER_SWITCH_INTERVAL = 0.001
@@ -60,17 +62,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_connection_options(serve)
     serve.add_argument(
-        "--workers", type=int, default=2, help="executions that run at once (default: %(default)s)"
+        "--workers",
+        type=_positive(int),
+        default=2,
+        help="executions that run at once (default: %(default)s)",
     )
     serve.add_argument(
         "--max-queued",
-        type=int,
+        type=_positive(int),
         default=1000,
         help="executions that may wait for a worker (default: %(default)s)",
     )
     serve.add_argument(
         "--memory-limit-mib",
-        type=float,
+        type=_at_least_zero(float),
         default=512,
         help="MiB of retained results kept in memory before spilling to "
         "disk (default: %(default)s)",
@@ -82,28 +87,28 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--retention",
-        type=float,
+        type=_positive(float),
         default=3600.0,
         help="seconds results stay after their execution ended, unless "
         "released (default: %(default)s)",
     )
     serve.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_at_least_zero(float),
         default=0.0,
         help="seconds without requests or work before the server exits; "
         "0 never exits (default: %(default)s)",
     )
     serve.add_argument(
         "--grace-period",
-        type=float,
+        type=_at_least_zero(float),
         default=1.0,
         help="seconds a cancelled pipeline gets before SIGTERM, then as long "
         "again at most before SIGKILL (default: %(default)s)",
     )
     serve.add_argument(
         "--window-mib",
-        type=float,
+        type=_positive(float),
         default=32,
         help="default flow-control window of a fetch, in MiB (default: %(default)s)",
     )
@@ -146,7 +151,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--sink",
         default="memmap",
         help="memmap, zarr, or a path ending in .npy or .zarr; memmap and zarr "
-        "write to a new temporary directory (default: %(default)s)",
+        "write new files named zmqruntime-<result>-<random> in the system temp "
+        "directory (default: %(default)s)",
     )
     results.add_argument(
         "--name",
@@ -169,6 +175,31 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _endpoint(args: argparse.Namespace) -> str:
     return str(args.endpoint or f"tcp://{args.host}:{args.port}")
+
+
+def _positive(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
+    """Return an argparse type that parses ``kind`` and requires a value above 0."""
+    return _bounded(kind, lambda value: value > 0, "above 0")
+
+
+def _at_least_zero(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
+    """Return an argparse type that parses ``kind`` and requires a value of 0 or more."""
+    return _bounded(kind, lambda value: value >= 0, "0 or more")
+
+
+def _bounded(
+    kind: Callable[[str], _Number], accept: Callable[[_Number], bool], expected: str
+) -> Callable[[str], _Number]:
+    def parse(text: str) -> _Number:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{text} is invalid: the value must be {expected}")
+        return value
+
+    return parse
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -278,7 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        try:
+            return _serve(args)
+        except (ZmqRuntimeError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     try:
         return _run_client_command(args)
     except (ZmqRuntimeError, KeyError, ValueError) as exc:

@@ -29,6 +29,7 @@ import multiprocessing.connection
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -249,6 +250,8 @@ class ProcessExecutor(Executor):
                 self._lock.wait(_MONITOR_TICK)
             leftovers = list(self._running.values())
         for entry in leftovers:
+            if entry.process.pid is None:
+                continue  # the monitor thread is still starting it and stops after
             logger.warning(
                 "killing worker pid %s of execution %s at shutdown",
                 entry.process.pid,
@@ -279,10 +282,10 @@ class ProcessExecutor(Executor):
 
     def _monitor(self) -> None:
         while True:
+            self._start_queued()
             with self._lock:
                 if self._closed and not self._running:
                     return
-                self._start_queued()
                 waitables: list[Any] = [self._wake_reader]
                 for entry in self._running.values():
                     waitables.extend((entry.conn, entry.process.sentinel))
@@ -301,17 +304,47 @@ class ProcessExecutor(Executor):
             pass
 
     def _start_queued(self) -> None:
-        # Caller holds self._lock.
-        while self._queue and len(self._running) < self._max_workers and not self._closed:
-            job = self._queue.popleft()
-            parent_conn, child_conn = self._mp.Pipe(duplex=True)
-            process = self._mp.Process(  # type: ignore[attr-defined]
-                target=run_worker, args=(job.pack(), child_conn), name=f"zmqruntime-{job.exec_id}"
-            )
-            process.start()
-            child_conn.close()
-            self._running[job.exec_id] = _Running(job, process, parent_conn)
+        # Runs in the monitor thread only. The first start of a forkserver
+        # worker takes 0.3 to 0.8 s, so process.start() runs outside the lock:
+        # submit() and cancel() from the control loop never wait for it.
+        while True:
+            with self._lock:
+                if not self._queue or len(self._running) >= self._max_workers or self._closed:
+                    return
+                job = self._queue.popleft()
+                parent_conn, child_conn = self._mp.Pipe(duplex=True)
+                process = self._mp.Process(  # type: ignore[attr-defined]
+                    target=run_worker,
+                    args=(job.pack(), child_conn),
+                    name=f"zmqruntime-{job.exec_id}",
+                )
+                # Registered before it starts, so wait() and cancel() see it;
+                # a cancel sent meanwhile waits in the pipe for the worker.
+                self._running[job.exec_id] = _Running(job, process, parent_conn)
+
+            try:
+                process.start()
+            except Exception as exc:
+                self._start_failed(job.exec_id, parent_conn, exc)
+                continue
+            finally:
+                child_conn.close()
             logger.debug("worker pid %s started for execution %s", process.pid, job.exec_id)
+
+    def _start_failed(self, exec_id: str, conn: Connection, exc: Exception) -> None:
+        """Report a worker that could not start as a failed execution and keep serving."""
+        logger.error("starting the worker of execution %s failed: %r", exec_id, exc)
+        conn.close()
+        with self._lock:
+            self._running.pop(exec_id, None)
+            self._lock.notify_all()
+        error = {
+            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "message": f"the worker process could not start: {exc}",
+            "traceback": "".join(traceback.format_exception(exc)),
+        }
+        self._emit(exec_id, {"kind": "finished", "status": "failed", "error": error})
+        self._emit(exec_id, {"kind": "exited", "exitcode": None})
 
     def _poll_workers(self, ready: list[Any]) -> None:
         with self._lock:

@@ -222,6 +222,7 @@ class ExecutionServer:
             transfer.stop()
         for transfer in transfers:
             transfer.join(2.0)
+        self._mark_unfinished_cancelled()
         self._executor.shutdown(timeout=self.config.grace_period + self.config.kill_after + 1.0)
         self._ingest.stop()
         self._retention.close()
@@ -232,6 +233,16 @@ class ExecutionServer:
             _remove_dir(self._ipc_dir)
         self._lock_file.release(delete=True)
         logger.info("zmqruntime server pid %d on %s stopped", os.getpid(), self._endpoint)
+
+    def _mark_unfinished_cancelled(self) -> None:
+        """Record that stopping the server cancels what still runs, so it ends cancelled."""
+        with self._lock:
+            for record in self._executions.values():
+                if record.state in TERMINAL_STATES:
+                    continue
+                record.cancel_requested = True
+                if record.state != "cancelling":
+                    self._set_state(record, "cancelling")
 
     # ------------------------------------------------------------------ requests
 
@@ -335,9 +346,12 @@ class ExecutionServer:
             chunks_done = record.chunks_done
 
         self._executor.cancel(record.exec_id)
+        # A queued execution is dropped at once, so it may already be cancelled.
+        with self._lock:
+            state = record.state
         return {
             "accepted": True,
-            "state": "cancelling",
+            "state": state,
             "chunks_done": chunks_done,
             "message": f"execution {record.exec_id} is being cancelled",
         }

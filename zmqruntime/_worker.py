@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -46,6 +48,11 @@ WORKER_LINGER_MS = 60_000
 # this long.
 WORKER_SEND_TIMEOUT = 600.0
 
+# Seconds a worker whose server died gives its pipeline to stop on its own
+# before the process ends itself, and the exit code it ends with then.
+ORPHAN_GRACE = 2.0
+_ORPHAN_EXIT_CODE = 75
+
 
 class _PipeReporter:
     """Sends msgpack maps to the executor; safe to call from several threads."""
@@ -61,13 +68,18 @@ class _PipeReporter:
 
 
 def _listen_for_cancel(conn: Connection, cancel_event: threading.Event) -> None:
-    # A closed pipe means the server went away, which also means: stop.
+    # The server closes its end only after this process exits, so a closed pipe
+    # means the server died. Nobody will collect the results: ask the pipeline
+    # to stop, and end the process if it does not, because a send blocked on
+    # the dead server's socket or a long sleep would otherwise leave an orphan.
     while True:
         try:
             message = unpack_value(conn.recv_bytes())
         except (EOFError, OSError):
             cancel_event.set()
-            return
+            time.sleep(ORPHAN_GRACE)
+            logger.warning("the server is gone; worker pid %d exits", os.getpid())
+            os._exit(_ORPHAN_EXIT_CODE)
         if isinstance(message, dict) and message.get("kind") == "cancel":
             cancel_event.set()
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from ome_zarr.io import parse_url
-from ome_zarr.reader import Plate, Reader
+from ome_zarr.io import parse_url  # type: ignore[import-untyped]
+from ome_zarr.reader import Plate, Reader  # type: ignore[import-untyped]
 from ome_zarr_models.v05.hcs import HCS
 from ome_zarr_models.v05.image import Image
 from ome_zarr_models.v05.image_label import ImageLabel
@@ -58,7 +58,7 @@ def _write_all(writer: OmeZarrWriter, count: int, size: int, layout: dict[str, A
 
 
 def _root_attrs(path: Path) -> dict[str, Any]:
-    return json.loads((path / "zarr.json").read_text())["attributes"]
+    return dict(json.loads((path / "zarr.json").read_text())["attributes"])
 
 
 def test_pyramid_shapes_stop_at_64() -> None:
@@ -98,13 +98,15 @@ def test_plate_field_pixels_and_pyramid(tmp_path: Path) -> None:
     _write_all(OmeZarrWriter(store), 12, 128, PLATE_LAYOUT)
 
     # Image 7 is field 1 of well 3 (row B, column 1).
-    full = zarr.open_array(store / "B" / "1" / "1" / "0", mode="r")[:]
+    full = np.asarray(zarr.open_array(store / "B" / "1" / "1" / "0", mode="r")[:])
     assert np.array_equal(full, _image(7, 128))
-    half = zarr.open_array(store / "B" / "1" / "1" / "1", mode="r")[:]
+    half = np.asarray(zarr.open_array(store / "B" / "1" / "1" / "1", mode="r")[:])
     assert half.shape == (2, 64, 64)
     assert half[1, 3, 5] == pytest.approx(full[1, 6:8, 10:12].mean(), rel=1e-6)
 
-    labels = zarr.open_array(store / "B" / "1" / "1" / "labels" / "nuclei" / "1", mode="r")[:]
+    labels = np.asarray(
+        zarr.open_array(store / "B" / "1" / "1" / "labels" / "nuclei" / "1", mode="r")[:]
+    )
     assert labels.shape == (1, 64, 64)
     assert int(labels[0, 3, 3]) == 8
 
@@ -152,6 +154,32 @@ def test_store_incomplete_while_running(tmp_path: Path) -> None:
     image_spec, _ = _specs(12, 32, PLATE_LAYOUT)
     writer.sink("images").open(image_spec)
     assert _root_attrs(store)["zmqruntime"]["complete"] is False
+
+
+def test_store_counts_images_while_running(tmp_path: Path) -> None:
+    store = tmp_path / "plate.ome.zarr"
+    writer = OmeZarrWriter(store)
+    writer.execution_id = "e1"
+    image_spec, _ = _specs(12, 32, PLATE_LAYOUT)
+    sink = writer.sink("images")
+    sink.open(image_spec)
+    before = _root_attrs(store)["zmqruntime"]
+    sink.write(Region((0, 0, 0, 0), (1, 2, 32, 32)), _image(0, 32)[None])
+    after_first = _root_attrs(store)["zmqruntime"]
+
+    assert before["images_written"] == 0
+    assert before["images_expected"] == 12
+    assert after_first["images_written"] == 1
+    assert after_first["status"] == "running"
+    assert after_first["execution_id"] == "e1"
+    # The plate metadata stays in the rewritten root document.
+    assert "plate" in _root_attrs(store)["ome"]
+
+
+def test_store_rewrites_leave_no_temporary_files(tmp_path: Path) -> None:
+    store = tmp_path / "plate.ome.zarr"
+    _write_all(OmeZarrWriter(store, name="x"), 12, 32, PLATE_LAYOUT)
+    assert not list(store.rglob("*.tmp"))
 
 
 def test_image_sink_joins_split_frames(tmp_path: Path) -> None:

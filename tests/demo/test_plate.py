@@ -136,3 +136,20 @@ def test_stack_missing_input(tmp_path: Path) -> None:
 def test_stack_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"no \.tif"):
         StackSource(tmp_path)
+
+
+def test_stack_rejects_non_tiff_file(tmp_path: Path) -> None:
+    (tmp_path / "notes.tif").write_text("plain text, not a TIFF")
+    with pytest.raises(InputError, match=r"cannot read .*notes\.tif as a TIFF"):
+        StackSource(tmp_path / "notes.tif")
+
+
+def test_stack_rejects_corrupt_npy(tmp_path: Path) -> None:
+    (tmp_path / "broken.npy").write_bytes(b"not numpy data")
+    with pytest.raises(InputError, match=r"cannot read .*broken\.npy"):
+        StackSource(tmp_path / "broken.npy")
+
+
+def test_plate_spec_rejects_negative_seed() -> None:
+    with pytest.raises(InputError, match="--seed"):
+        PlateSpec(seed=-1)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from skimage.measure import regionprops
 
-from zmqruntime.demo import PlateSpec, SyntheticPlate
-from zmqruntime.demo.screening import ProcessingOptions, measure, process_image
+from zmqruntime.demo import InputError, PlateSpec, SyntheticPlate
+from zmqruntime.demo.screening import ProcessingOptions, check_config, measure, process_image
 
 
 def _disks_image() -> np.ndarray:
@@ -60,7 +60,7 @@ def test_measure_matches_regionprops_on_plate_field() -> None:
     segmentation = process_image(field, ProcessingOptions())
     row, objects = measure(segmentation, 0, "A1", 0)
 
-    props = regionprops(segmentation.labels.astype(np.int64))
+    props = regionprops(segmentation.labels.astype(np.int64))  # type: ignore[no-untyped-call]
     assert len(props) == segmentation.count
     assert objects.shape == (segmentation.count,)
     for prop, obj in zip(props, objects, strict=True):
@@ -84,3 +84,27 @@ def test_measure_empty_image_row() -> None:
     assert row["count"] == 0
     assert row["mean_area_px"] == 0.0
     assert row["image"] == 4
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"min_area": -1}, "min_area"),
+        ({"pixel_size_um": 0}, "pixel_size_um"),
+        ({"pixel_size_um": float("nan")}, "pixel_size_um"),
+        ({"smoothing_sigma": -0.5}, "smoothing_sigma"),
+        ({"segment_channel": -1}, "numbered from 0"),
+        ({"segment_channel": 2}, "choose 0 to 1"),
+        ({"thresold": 3}, "unknown config key"),
+        ({"plate": {"rows": 27}}, "--rows"),
+    ],
+)
+def test_check_config_rejects(config: dict[str, object], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        check_config(config)
+
+
+def test_check_config_opens_plate() -> None:
+    source, options = check_config({"plate": {"rows": 1, "columns": 2}, "min_area": 0})
+    assert source.count == 18
+    assert options.min_area == 0

@@ -272,3 +272,23 @@ def test_executor_shutdown_stops_workers_and_rejects_jobs(
 def test_executor_rejects_fork_start_method(log: EventLog) -> None:
     with pytest.raises(ValueError, match="'fork' is not allowed"):
         ProcessExecutor(log, start_method="fork")
+
+
+def test_executor_worker_start_failure_fails_execution(
+    make_executor: Any, log: EventLog, data_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executor = make_executor(max_workers=1)
+
+    def refuse(self: Any) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    # Running out of processes cannot be arranged here, so start() fails on purpose.
+    monkeypatch.setattr(type(executor._mp.Process(target=print)), "start", refuse)
+    executor.submit(_job("doomed", SLEEP_PIPELINE, data_endpoint, {"seconds": 0}))
+
+    finished = log.wait_for("doomed", "finished")
+    exited = log.wait_for("doomed", "exited")
+    assert finished["status"] == "failed"
+    assert "could not start" in finished["error"]["message"]
+    assert exited["exitcode"] is None
+    assert executor.wait("doomed", timeout=5)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,6 +12,7 @@ import pytest
 
 from zmqruntime import (
     ExecutionCancelledError,
+    ExecutionClient,
     ExecutionNotFoundError,
     ExecutionState,
     RemoteError,
@@ -164,8 +167,27 @@ def test_server_cancel_queued_execution() -> None:
         status = client.wait(queued, timeout=5)
         client.cancel(sleeper)
     assert outcome.accepted
+    assert outcome.state == "cancelled"
     assert status.state is ExecutionState.CANCELLED
     assert status.started_at is None
+
+
+def test_server_shutdown_cancels_running_execution() -> None:
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(SLEEP_PIPELINE, {"seconds": 60})
+        deadline = time.monotonic() + 20
+        while client.get_status(exec_id).state is not ExecutionState.RUNNING:
+            assert time.monotonic() < deadline, "the execution never started"
+            time.sleep(0.05)
+        server.stop()
+        deadline = time.monotonic() + 20
+        record = server.execution(exec_id)
+        assert record is not None
+        while record.state not in {"completed", "failed", "cancelled"}:
+            assert time.monotonic() < deadline, "the execution never ended"
+            time.sleep(0.05)
+
+    assert record.state == "cancelled"
 
 
 def test_server_no_chunk_after_cancel_ack() -> None:
@@ -356,3 +378,34 @@ def test_server_list_has_progress_and_results() -> None:
     assert row.results["stack"].dtype == "<u2"
     assert row.results["stack"].complete
     assert row.values == {}
+
+
+def test_server_killed_leaves_no_worker_behind(tmp_path: os.PathLike[str]) -> None:
+    endpoint = f"ipc://{tmp_path}/killed.sock"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "zmqruntime", "serve", "--endpoint", endpoint],
+        cwd=root,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with ExecutionClient(endpoint=endpoint, auto_spawn=False, timeout=10) as client:
+            exec_id = client.execute(
+                "import time\ndef pipeline(ctx, config):\n    time.sleep(60)\n"
+            )
+            deadline = time.monotonic() + 20
+            while client.get_status(exec_id).state is not ExecutionState.RUNNING:
+                assert time.monotonic() < deadline, "the execution never started"
+                time.sleep(0.05)
+        descendants = psutil.Process(server.pid).children(recursive=True)
+        server.kill()
+        server.wait(timeout=10)
+
+        _, alive = psutil.wait_procs(descendants, timeout=15)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+    assert descendants
+    assert alive == []

@@ -8,7 +8,15 @@ is built from, which the examples and tests reuse.
 
 from __future__ import annotations
 
-from zmqruntime.demo._job import PIPELINE, JobOptions, JobReport, run_job, write_table_csv
+from zmqruntime.demo._job import (
+    PIPELINE,
+    JobInterrupted,
+    JobOptions,
+    JobReport,
+    PortInUseError,
+    run_job,
+    write_table_csv,
+)
 from zmqruntime.demo._local import LocalContext, TableSink, run_local
 from zmqruntime.demo._omezarr import NGFF_VERSION, OmeZarrWriter, pyramid_shapes
 from zmqruntime.demo._plate import (
@@ -26,11 +34,13 @@ __all__ = [
     "NGFF_VERSION",
     "PIPELINE",
     "InputError",
+    "JobInterrupted",
     "JobOptions",
     "JobReport",
     "LocalContext",
     "OmeZarrWriter",
     "PlateSpec",
+    "PortInUseError",
     "StackSource",
     "SyntheticPlate",
     "TableSink",

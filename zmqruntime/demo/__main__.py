@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from zmqruntime.demo._job import JobOptions, run_job
+from zmqruntime import RemoteError, ZmqRuntimeError
+from zmqruntime.demo._job import JobInterrupted, JobOptions, PortInUseError, run_job
 from zmqruntime.demo._plate import InputError, PlateSpec
 
 __all__ = ["main"]
 
+EXIT_FAILED = 1
+# As argparse exits for an invalid command line.
+EXIT_USAGE = 2
 # Exit status after Ctrl-C, as shells report a process ended by SIGINT.
 EXIT_INTERRUPTED = 130
 
@@ -141,21 +145,40 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the job; return 0 on success, 1 on failure, 130 after Ctrl-C."""
-    args = build_parser().parse_args(argv)
+    """Run the job and return the exit status.
+
+    0 on success; 2 for an invalid option, an unreadable input, an output
+    store this job did not write or a server port held by another program
+    (one ``error:`` line on stderr); 1 when the run failed; 130 after Ctrl-C.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a TCP port; pass 1024 to 65535")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     try:
         report = run_job(options_from_args(args))
-    except KeyboardInterrupt as interrupt:
-        partial = getattr(interrupt, "report", None)
-        if partial is not None:
-            print(partial.summary())
-            print("  The store is kept and marked incomplete; the server is still running.")
+    except JobInterrupted as interrupted:
+        print(interrupted.report.summary())
         return EXIT_INTERRUPTED
-    except (InputError, FileExistsError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:
+        print("Screening run interrupted before it started.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (InputError, FileExistsError, PortInUseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    except RemoteError as exc:
+        # The server checks each image as it reads it, so an input problem
+        # can still surface there, e.g. a later TIFF of another shape.
+        if exc.type_name.endswith(".InputError"):
+            print(f"error: {exc.remote_message}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"error: the pipeline failed on the server: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ZmqRuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
     print(report.summary())
     return 0

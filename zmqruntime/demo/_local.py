@@ -26,13 +26,15 @@ SinkFactory = Callable[[ArraySpec], Sink]
 class TableSink(Sink):
     """An in-memory sink for small tables; grows along axis 0 as regions arrive.
 
-    :meth:`finalize` returns one new array of the final shape. Regions that
-    never arrived are zero-filled.
+    :meth:`finalize` returns one new array of the final shape; regions that
+    never arrived are zero-filled. After an interruption (:meth:`abort`, or a
+    fetch that stopped) :meth:`received` returns the rows that did arrive.
     """
 
     def __init__(self) -> None:
         self._spec: ArraySpec | None = None
         self._pieces: list[tuple[Region, npt.NDArray[Any]]] = []
+        self.abort_reason: str | None = None
 
     def open(self, spec: ArraySpec) -> None:
         self._spec = spec
@@ -49,7 +51,22 @@ class TableSink(Sink):
         return result
 
     def abort(self, reason: str) -> None:
-        self._pieces.clear()
+        # The pieces stay, so a partial table can still be saved.
+        self.abort_reason = reason
+
+    def received(self) -> npt.NDArray[Any] | None:
+        """Return a new array of the rows received so far, in row order; None before ``open``.
+
+        Rows that never arrived are left out rather than zero-filled, so the
+        result may be shorter than the declared shape. Empty after :meth:`finalize`.
+        """
+        if self._spec is None:
+            return None
+        pieces = sorted(self._pieces, key=lambda piece: piece[0].start[0])
+        if not pieces:
+            frame = tuple(int(n) for n in self._spec.shape[1:] if n is not None)
+            return np.zeros((0, *frame), dtype=self._spec.dtype)
+        return np.concatenate([data for _, data in pieces])
 
 
 class LocalWriter:

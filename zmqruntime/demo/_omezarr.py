@@ -19,18 +19,26 @@ Every group and array is created when the first result is opened, before any
 pixel arrives, so a viewer can open the store while the run is going: missing
 images read as the fill value (NaN for intensities, 0 for labels). The root's
 ``zmqruntime`` attribute records ``complete: false`` until every result that
-was opened has been finalized.
+was opened has been finalized. While images arrive it also records
+``images_written``, rewritten at most every ``PROGRESS_INTERVAL`` seconds and
+exact once the run ends.
 
 Metadata documents are written as JSON files, so the store must be a local
-directory. Chunks are written through zarr.
+directory. Documents that change during a run are replaced through a rename,
+so a reader never sees a partly written one. Chunks are written through zarr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
+import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,11 @@ MIN_LEVEL_SIZE = 64
 MAX_LEVELS = 4
 
 LABEL_NAME = "nuclei"
+
+# Seconds between two rewrites of the root attributes while images arrive:
+# often enough for a viewer to follow, rare enough that rewriting a large
+# plate document does not slow the run down.
+PROGRESS_INTERVAL = 0.5
 
 # Display colours (RRGGBB) of the channels in viewers, in channel order.
 CHANNEL_COLORS = ("2F7FFF", "FF8C1A", "3CDC3C", "DC3CDC", "FFFFFF", "FFE01A", "1AE0E0", "E01A1A")
@@ -154,6 +167,49 @@ def _write_json(path: Path, document: Mapping[str, Any]) -> None:
     (path / "zarr.json").write_text(json.dumps(document, indent=2, allow_nan=False))
 
 
+def _replace_json(path: Path, document: Mapping[str, Any]) -> None:
+    """Rewrite ``path/zarr.json`` through a temporary file and a rename.
+
+    A reader (or a Ctrl-C in the middle) gets the old or the new document,
+    never a truncated one.
+    """
+    text = json.dumps(document, indent=2, allow_nan=False)
+    descriptor, temporary = tempfile.mkstemp(dir=path, prefix=".zarr.json.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path / "zarr.json")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C until the block ends, then raise KeyboardInterrupt.
+
+    Only the main thread may set signal handlers, so in another thread, or
+    when SIGINT already has a handler other than Python's default, the block
+    runs without this protection.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _group_document(attributes: Mapping[str, Any]) -> dict[str, Any]:
     return {"zarr_format": 3, "node_type": "group", "attributes": dict(attributes)}
 
@@ -218,6 +274,10 @@ class OmeZarrWriter:
         self.on_image: Callable[[int], None] | None = None
         self._overwrite = overwrite
         self._lock = threading.Lock()
+        # Serializes rewrites of group documents, so an older snapshot of the
+        # root attributes never replaces a newer one.
+        self._metadata_lock = threading.Lock()
+        self._root_written_at = 0.0
         self._created = False
         self._layout: dict[str, Any] = {}
         self._channels: list[str] = []
@@ -229,6 +289,11 @@ class OmeZarrWriter:
         self._open_sinks: set[str] = set()
         self._failure: str | None = None
         self._windows: list[tuple[float, float]] = []
+
+    @property
+    def created(self) -> bool:
+        """Whether the store's groups and arrays exist (a sink has been opened)."""
+        return self._created
 
     @property
     def kind(self) -> str:
@@ -305,7 +370,9 @@ class OmeZarrWriter:
         with self._lock:
             self._open_sinks.add(sink_name)
             if not self._created:
-                self._create(spec)
+                # Ctrl-C during creation would leave groups without arrays.
+                with _sigint_deferred():
+                    self._create(spec)
                 self._created = True
 
     def _create(self, spec: ArraySpec) -> None:
@@ -335,7 +402,7 @@ class OmeZarrWriter:
         self._windows = [(0.0, 1.0)] * len(self._channels)
         pixel_size = float(ngff.get("pixel_size_um", 1.0))
 
-        self._root_attrs = {"zmqruntime": {"complete": False, "status": "running"}}
+        self._root_attrs = {"zmqruntime": self._running_status()}
         if self.kind == "plate":
             self._create_plate(pixel_size)
         else:
@@ -430,6 +497,7 @@ class OmeZarrWriter:
             self.bytes_written += image.nbytes
         if first:
             self.update_windows([image])
+        self._record_progress()
         if self.on_image is not None:
             self.on_image(index)
 
@@ -458,9 +526,34 @@ class OmeZarrWriter:
             high = float(np.percentile(finite, 99.9)) if finite.size else 1.0
             windows.append((0.0, high if high > 0 else 1.0))
         self._windows = windows
-        for group, attrs in self._image_attrs.items():
-            attrs["ome"]["omero"] = omero_metadata(self._channels, windows)
-            _write_json(self.path / group, _group_document(attrs))
+        with self._metadata_lock:
+            for group, attrs in self._image_attrs.items():
+                attrs["ome"]["omero"] = omero_metadata(self._channels, windows)
+                _replace_json(self.path / group, _group_document(attrs))
+
+    def _running_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "complete": False,
+            "status": "running",
+            "images_written": self.images_written,
+            "images_expected": self._count,
+        }
+        if self.execution_id is not None:
+            status["execution_id"] = self.execution_id
+        return status
+
+    def _record_progress(self) -> None:
+        """Rewrite ``images_written`` in the root attributes, at most every PROGRESS_INTERVAL s."""
+        now = time.monotonic()
+        if now - self._root_written_at < PROGRESS_INTERVAL:
+            return
+        with self._metadata_lock:
+            # A store already marked by mark() keeps its final status.
+            if self._root_attrs.get("zmqruntime", {}).get("status") != "running":
+                return
+            self._root_attrs["zmqruntime"] = self._running_status()
+            _replace_json(self.path, _group_document(self._root_attrs))
+            self._root_written_at = now
 
     # -- completion ------------------------------------------------------
 
@@ -498,9 +591,10 @@ class OmeZarrWriter:
             status["reason"] = failure
         if self.execution_id is not None:
             status["execution_id"] = self.execution_id
-        self._root_attrs["zmqruntime"] = status
-        if self._created:
-            _write_json(self.path, _group_document(self._root_attrs))
+        with self._metadata_lock:
+            self._root_attrs["zmqruntime"] = status
+            if self._created:
+                _replace_json(self.path, _group_document(self._root_attrs))
 
 
 class _StoreSink(Sink):

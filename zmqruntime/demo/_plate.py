@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from zmqruntime._errors import ZmqRuntimeError
+
 __all__ = [
     "CHANNEL_NAMES",
     "ImageSource",
@@ -38,8 +40,12 @@ __all__ = [
 # Channel order of the synthetic plate. Channel 0 is the one that is segmented.
 CHANNEL_NAMES = ("hematoxylin", "DAB")
 
-# Largest field edge in pixels: a crop cannot be larger than ihc.png (512 x 512).
+# Field edge in pixels: a crop cannot be larger than ihc.png (512 x 512).
+MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 512
+
+# Plate columns: 48 is the width of a 1536-well plate.
+MAX_COLUMNS = 48
 
 # Camera model for the synthetic plate, in detected photo-electrons per pixel:
 # a dark offset plus a signal whose brightest pixels reach about PEAK_SIGNAL.
@@ -49,8 +55,8 @@ PEAK_SIGNAL = 3000.0
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
-class InputError(ValueError):
-    """The job's input (plate options or a user file) is invalid."""
+class InputError(ZmqRuntimeError, ValueError):
+    """The job's input (plate options, processing options or a user file) is invalid."""
 
 
 class ImageSource(Protocol):
@@ -107,16 +113,20 @@ class PlateSpec:
 
     def __post_init__(self) -> None:
         if not 1 <= self.rows <= len(string.ascii_uppercase):
-            raise InputError(f"plate rows must be 1 to 26, got {self.rows}")
-        if not 1 <= self.columns <= 48:
-            raise InputError(f"plate columns must be 1 to 48, got {self.columns}")
-        if self.fields < 1:
-            raise InputError(f"fields per well must be at least 1, got {self.fields}")
-        if not 16 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise InputError(f"plate rows (--rows) is {self.rows}; it must be 1 to 26 (A to Z)")
+        if not 1 <= self.columns <= MAX_COLUMNS:
             raise InputError(
-                f"image size must be 16 to {MAX_IMAGE_SIZE} pixels (the size of the "
-                f"source image), got {self.image_size}"
+                f"plate columns (--columns) is {self.columns}; it must be 1 to {MAX_COLUMNS}"
             )
+        if self.fields < 1:
+            raise InputError(f"fields per well (--fields) is {self.fields}; it must be 1 or more")
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise InputError(
+                f"image size (--image-size) is {self.image_size} pixels; it must be "
+                f"{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, the size of the source image"
+            )
+        if self.seed < 0:
+            raise InputError(f"seed (--seed) is {self.seed}; it must be 0 or more")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PlateSpec:
@@ -284,7 +294,14 @@ class StackSource:
 
 
 def _open_npy(path: Path) -> npt.NDArray[Any]:
-    array: npt.NDArray[Any] = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        array: npt.NDArray[Any] = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        # numpy raises ValueError for a file that is not .npy or contains Python objects.
+        raise InputError(
+            f"cannot read {path} as a .npy array ({exc}); save it with numpy.save "
+            "from a numeric array"
+        ) from exc
     if array.ndim == 2:
         array = array[np.newaxis]
     if array.ndim not in (3, 4) or array.shape[0] == 0:
@@ -297,8 +314,11 @@ def _open_npy(path: Path) -> npt.NDArray[Any]:
 def _tiff_page_count(path: Path) -> int:
     import tifffile
 
-    with tifffile.TiffFile(path) as tiff:
-        count = len(tiff.pages)
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            count = len(tiff.pages)
+    except (OSError, tifffile.TiffFileError) as exc:
+        raise _tiff_input_error(path, exc) from exc
     if count == 0:
         raise InputError(f"{path} contains no TIFF pages")
     return count
@@ -309,8 +329,18 @@ def _read_tiff(path: Path, page: int) -> npt.NDArray[Any]:
 
     # NOTE: the file is reopened for every image. That costs a header parse per
     # page but keeps reads independent, so no file handle outlives a call.
-    with tifffile.TiffFile(path) as tiff:
-        return np.asarray(tiff.pages[page].asarray())
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            return np.asarray(tiff.pages[page].asarray())
+    except (OSError, tifffile.TiffFileError) as exc:
+        raise _tiff_input_error(path, exc) from exc
+
+
+def _tiff_input_error(path: Path, exc: Exception) -> InputError:
+    return InputError(
+        f"cannot read {path} as a TIFF file ({exc}); pass a readable .tif/.tiff file, "
+        "a folder of them or a .npy file"
+    )
 
 
 def _as_channels_first(image: npt.NDArray[Any], origin: str) -> npt.NDArray[Any]:

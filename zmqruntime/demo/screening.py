@@ -33,6 +33,7 @@ Config keys (all optional): ``input`` (path to user images, see
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,19 +43,37 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from zmqruntime.demo._plate import InputError, open_source
+from zmqruntime.demo._plate import InputError, StackSource, SyntheticPlate, open_source
 
 __all__ = [
+    "CONFIG_KEYS",
     "ProcessingOptions",
     "Segmentation",
+    "check_config",
     "field_dtype",
     "measure",
     "object_dtype",
     "pipeline",
+    "pixel_size_from_config",
     "process_image",
 ]
 
 logger = logging.getLogger(__name__)
+
+# Keys a job config may contain; the module docstring describes each.
+CONFIG_KEYS = frozenset(
+    {
+        "input",
+        "plate",
+        "segment_channel",
+        "background_size",
+        "smoothing_sigma",
+        "min_area",
+        "pixel_size_um",
+    }
+)
+
+DEFAULT_PIXEL_SIZE_UM = 0.5
 
 # 8-connectivity: diagonal neighbours belong to the same object.
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
@@ -99,20 +118,84 @@ class ProcessingOptions:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ProcessingOptions:
-        """Read the options from a job config, with defaults for missing keys."""
+        """Read the options from a job config, with defaults for missing keys.
+
+        Raises :class:`InputError` for a value out of range. Whether
+        ``segment_channel`` exists depends on the images; :func:`check_config`
+        checks that.
+        """
         options = cls(
             segment_channel=int(config.get("segment_channel", cls.segment_channel)),
             background_size=int(config.get("background_size", cls.background_size)),
             smoothing_sigma=float(config.get("smoothing_sigma", cls.smoothing_sigma)),
             min_area=int(config.get("min_area", cls.min_area)),
         )
+        if options.segment_channel < 0:
+            raise InputError(
+                f"segment_channel (--segment-channel) is {options.segment_channel}; "
+                "channels are numbered from 0"
+            )
         if options.background_size < 3:
             raise InputError(
-                f"background_size must be at least 3 pixels, got {options.background_size}"
+                f"background_size (--background-size) is {options.background_size} pixels; "
+                "it must be at least 3"
             )
-        if options.smoothing_sigma < 0:
-            raise InputError(f"smoothing_sigma must be >= 0 pixels, got {options.smoothing_sigma}")
+        if not (math.isfinite(options.smoothing_sigma) and options.smoothing_sigma >= 0):
+            raise InputError(
+                f"smoothing_sigma (--smoothing-sigma) is {options.smoothing_sigma} pixels; "
+                "it must be 0 (no smoothing) or more"
+            )
+        if options.min_area < 0:
+            raise InputError(
+                f"min_area (--min-area) is {options.min_area} pixels; "
+                "it must be 0 (keep every object) or more"
+            )
         return options
+
+
+def pixel_size_from_config(config: Mapping[str, Any]) -> float:
+    """Return ``config["pixel_size_um"]`` (default 0.5) after checking that it is positive."""
+    pixel_size = float(config.get("pixel_size_um", DEFAULT_PIXEL_SIZE_UM))
+    if not (math.isfinite(pixel_size) and pixel_size > 0):
+        raise InputError(
+            f"pixel_size_um (--pixel-size) is {pixel_size} micrometres; "
+            "it must be a positive number, such as 0.5"
+        )
+    return pixel_size
+
+
+def check_config(
+    config: Mapping[str, Any],
+) -> tuple[SyntheticPlate | StackSource, ProcessingOptions]:
+    """Check every option of a job config and open the image source it names.
+
+    The job runs this on the client before it submits anything, and the
+    pipeline runs it again before it declares its results. Opening a user
+    file reads its first image.
+
+    Raises
+    ------
+    InputError
+        An unknown key, a value out of range, an unreadable input or a
+        ``segment_channel`` the images do not have. The message names the
+        value and what is accepted.
+    """
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise InputError(
+            f"unknown config key(s) {unknown}; the screening pipeline accepts {sorted(CONFIG_KEYS)}"
+        )
+    options = ProcessingOptions.from_config(config)
+    pixel_size_from_config(config)
+    source = open_source(config)
+
+    channels = source.image_shape[0]
+    if options.segment_channel >= channels:
+        raise InputError(
+            f"segment_channel (--segment-channel) is {options.segment_channel}, but the "
+            f"images have {channels} channel(s); choose 0 to {channels - 1}"
+        )
+    return source, options
 
 
 @dataclass(frozen=True)
@@ -185,8 +268,8 @@ def process_image(image: npt.NDArray[Any], options: ProcessingOptions) -> Segmen
 
     if not 0 <= options.segment_channel < image.shape[0]:
         raise InputError(
-            f"segment_channel {options.segment_channel} does not exist; "
-            f"the images have {image.shape[0]} channel(s)"
+            f"segment_channel {options.segment_channel} does not exist; the image has "
+            f"{image.shape[0]} channel(s), numbered from 0"
         )
 
     pixels = image.astype(np.float32)
@@ -285,14 +368,13 @@ def pipeline(ctx: _Context, config: Mapping[str, Any]) -> None:
     cancelled; images already written stay written.
     """
     started = time.perf_counter()
-    source = open_source(config)
-    options = ProcessingOptions.from_config(config)
+    source, options = check_config(config)
     channels, height, width = source.image_shape
     layout = source.layout()
     ngff = {
         "layout": layout,
         "channels": list(source.channels),
-        "pixel_size_um": float(config.get("pixel_size_um", 0.5)),
+        "pixel_size_um": pixel_size_from_config(config),
     }
     logger.info("screening %d images of shape %s from %s", source.count, source.image_shape, layout)
 
