@@ -409,9 +409,10 @@ class ExecutionClient:
                 bar.close()
         missing = sorted(set(names or ()) - set(values))
         if missing:
+            known = sorted(self.get_status(exec_id).results)
             raise ExecutionNotFoundError(
-                f"execution {exec_id} has no result named {', '.join(map(repr, missing))}; it "
-                f"sent {sorted(values) or 'none of them'}, and get_status lists its results"
+                f"execution {exec_id} has no result named {', '.join(map(repr, missing))}; "
+                f"its results are {known or 'none'}"
             )
         if release:
             self.release(exec_id)

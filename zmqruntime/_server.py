@@ -259,20 +259,19 @@ class ExecutionServer:
         envelope, payload = frames[:-1], frames[-1]
         self._last_activity = time.monotonic()
         reply = self._dispatch(payload)
-        if reply is None:
-            return
         try:
             self._router.send_multipart([*envelope, encode_control(reply)], zmq.NOBLOCK)
         except (zmq.ZMQError, ControlValueError) as exc:
             logger.warning("could not send a reply to request %s: %s", reply.get("id"), exc)
 
-    def _dispatch(self, payload: bytes) -> dict[str, Any] | None:
+    def _dispatch(self, payload: bytes) -> dict[str, Any]:
         try:
             message = decode_control(payload)
         except ProtocolError as exc:
             logger.warning("rejected a control message: %s", exc)
-            request_id = _peek_request_id(payload)
-            return make_reply(request_id, error=exc) if request_id is not None else None
+            # Without a readable id the reply carries an empty one: a REQ client
+            # is unblocked, and the error says what was wrong with its message.
+            return make_reply(_peek_request_id(payload) or "", error=exc)
 
         request_id = message["id"]
         kind = MessageType(message["type"])

@@ -228,12 +228,20 @@ def spawn_server(
         log_path = lock_path(endpoint, "server").with_suffix(".log")
         command = server_command(endpoint, idle_timeout, extra_args)
         logger.info("no server responds on %s; starting one (log %s)", endpoint, log_path)
-        _start_detached(command, log_path)
+        pid = _start_detached(command, log_path)
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ping(0.2):
                 return True
+            # A server that exited at once (the port is taken by another
+            # program, a bad option) will never answer: fail now, not at the
+            # deadline, unless another server answers in the meantime.
+            if pid is not None and not _alive(pid) and not ping(0.5):
+                raise ZmqRuntimeError(
+                    f"the server started on {endpoint} exited at once; see its log "
+                    f"{log_path}{_log_tail(log_path)}"
+                )
         raise ZmqRuntimeError(
             f"started a server on {endpoint} but it did not respond within {timeout} s; "
             f"see its log {log_path}{_log_tail(log_path)}"
@@ -242,7 +250,18 @@ def spawn_server(
         spawn_lock.release(delete=True)
 
 
-def _start_detached(command: list[str], log_path: Path) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else: the PID was reused
+    return True
+
+
+def _start_detached(command: list[str], log_path: Path) -> int | None:
+    """Start ``command`` detached and return its PID (None where it is unknown)."""
     if os.name != "posix":  # pragma: no cover - Windows
         # NOTE: untested; Windows has no double-fork, so the server stays a
         # child object of this process until it exits.
@@ -255,22 +274,26 @@ def _start_detached(command: list[str], log_path: Path) -> None:
                 creationflags=getattr(subprocess, "DETACHED_PROCESS", 0)
                 | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0),
             )
-        return
+        return None
 
     # The shell starts the server in the background and exits at once, so the
     # server is re-parented to init, which reaps it when it exits.
-    script = 'exec "$@" </dev/null >>"$ZMQRUNTIME_LOG" 2>&1 &'
+    script = 'exec "$@" </dev/null >>"$ZMQRUNTIME_LOG" 2>&1 & echo $!'
     env = dict(os.environ, ZMQRUNTIME_LOG=str(log_path))
     # The server must import this same zmqruntime, even when it is not installed.
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    subprocess.run(
+    started = subprocess.run(
         ["/bin/sh", "-c", script, "sh", *command],
         env=env,
         check=True,
         start_new_session=True,
         timeout=10,
+        capture_output=True,
+        text=True,
     )
+    text = started.stdout.strip()
+    return int(text) if text.isdigit() else None
 
 
 def _log_tail(path: Path, lines: int = 10) -> str:

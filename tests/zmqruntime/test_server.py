@@ -6,9 +6,11 @@ import sys
 import threading
 import time
 
+import msgpack
 import numpy as np
 import psutil
 import pytest
+import zmq
 
 from zmqruntime import (
     ExecutionCancelledError,
@@ -48,10 +50,12 @@ def test_client_unknown_result_name_raises_naming_it() -> None:
         exec_id = client.execute(FRAMES_PIPELINE, {"n": 2})
         client.wait(exec_id, timeout=30)
 
-        with pytest.raises(ExecutionNotFoundError, match="'nope'"):
+        with pytest.raises(ExecutionNotFoundError, match="'nope'") as info:
             client.get_results(exec_id, names=["nope"])
         with pytest.raises(ValueError, match="window_bytes=0"):
             client.get_results(exec_id, window_bytes=0)
+
+    assert "its results are ['stack']" in str(info.value)
 
 
 def test_server_results_into_memmap_after_run(tmp_path: os.PathLike[str]) -> None:
@@ -409,3 +413,25 @@ def test_server_killed_leaves_no_worker_behind(tmp_path: os.PathLike[str]) -> No
 
     assert descendants
     assert alive == []
+
+
+def test_server_replies_to_undecodable_request() -> None:
+    with running_server() as server:
+        context = zmq.Context()
+        request = context.socket(zmq.REQ)
+        request.setsockopt(zmq.RCVTIMEO, 5000)
+        request.setsockopt(zmq.LINGER, 0)
+        try:
+            request.connect(server.endpoint)
+            request.send(b"\xc1 not msgpack")
+            reply = msgpack.unpackb(request.recv())
+        finally:
+            request.close()
+            context.term()
+
+        with connected_client(server) as client:
+            pong = client.ping()
+
+    assert reply["ok"] is False
+    assert reply["id"] == ""
+    assert pong["pid"] == os.getpid()

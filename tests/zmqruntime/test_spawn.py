@@ -9,7 +9,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from zmqruntime import EndpointInUseError, ExecutionClient, ExecutionServer, ServerConfig
+from zmqruntime import (
+    EndpointInUseError,
+    ExecutionClient,
+    ExecutionServer,
+    ServerConfig,
+    ZmqRuntimeError,
+)
 from zmqruntime._spawn import EndpointLock
 
 from .control_helpers import FRAMES_PIPELINE
@@ -133,3 +139,20 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def test_spawn_fails_fast_when_port_is_taken(zmqruntime_runtime_dir: Path) -> None:
+    # A plain TCP listener stands in for another program holding the port.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    started = time.monotonic()
+    try:
+        with pytest.raises(ZmqRuntimeError, match="exited at once") as info:
+            ExecutionClient(port=port, timeout=1, spawn_timeout=20).ping()
+    finally:
+        holder.close()
+
+    assert time.monotonic() - started < 15
+    assert "zmqruntime-tcp-127.0.0.1" in str(info.value)
