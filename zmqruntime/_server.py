@@ -270,7 +270,7 @@ class ExecutionServer:
         except ProtocolError as exc:
             logger.warning("rejected a control message: %s", exc)
             # Without a readable id the reply carries an empty one: a REQ client
-            # is unblocked, and the error says what was wrong with its message.
+            # is unblocked, and the error describes what was wrong with its message.
             return make_reply(_peek_request_id(payload) or "", error=exc)
 
         request_id = message["id"]

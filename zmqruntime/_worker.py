@@ -69,9 +69,9 @@ class _PipeReporter:
 
 def _listen_for_cancel(conn: Connection, cancel_event: threading.Event) -> None:
     # The server closes its end only after this process exits, so a closed pipe
-    # means the server died. Nobody will collect the results: ask the pipeline
-    # to stop, and end the process if it does not, because a send blocked on
-    # the dead server's socket or a long sleep would otherwise leave an orphan.
+    # means the server died and the results can no longer be collected. Ask the
+    # pipeline to stop, then end the process if it does not, because a send
+    # blocked on the dead server's socket or a long sleep would leave an orphan.
     while True:
         try:
             message = unpack_value(conn.recv_bytes())

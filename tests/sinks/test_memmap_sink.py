@@ -55,7 +55,7 @@ def test_memmap_sink_partial_edge_chunk(tmp_path: Path) -> None:
     assert (loaded[4, :4] == 0).all()
 
 
-def test_memmap_sink_destination_is_none_so_writes_use_pwrite(tmp_path: Path) -> None:
+def test_memmap_sink_destination_is_none(tmp_path: Path) -> None:
     spec = ArraySpec("frames", (3, 8, 8), np.dtype("<u2"), (1, 8, 8))
     sink = MemmapSink(tmp_path / "frames.npy")
     sink.open(spec)
@@ -66,7 +66,7 @@ def test_memmap_sink_destination_is_none_so_writes_use_pwrite(tmp_path: Path) ->
     sink.abort("test over")
 
 
-def test_memmap_sink_write_owned_queues_then_finalize_writes_all(tmp_path: Path) -> None:
+def test_memmap_sink_write_owned_queued(tmp_path: Path) -> None:
     spec = ArraySpec("frames", (6, 16, 16), np.dtype("<f4"), (1, 16, 16))
     data = np.arange(6 * 16 * 16, dtype="<f4").reshape(6, 16, 16)
     # A bound below one frame makes every write_owned wait for the one before.
@@ -242,7 +242,7 @@ def _direct_supported(directory: Path) -> bool:
     return True
 
 
-def test_memmap_sink_direct_io_aligned_frames_with_short_last_region(tmp_path: Path) -> None:
+def test_memmap_direct_io_short_last_region(tmp_path: Path) -> None:
     if not _direct_supported(tmp_path):
         pytest.skip("the file system under tmp_path has no O_DIRECT")
     # 2048 x 4 bytes = 8 KiB per frame: every region starts on a block boundary,
@@ -257,7 +257,7 @@ def test_memmap_sink_direct_io_aligned_frames_with_short_last_region(tmp_path: P
     assert path.stat().st_size == ALIGN + data.nbytes
 
 
-def test_memmap_sink_direct_io_pads_header_to_a_block(tmp_path: Path) -> None:
+def test_memmap_direct_io_header_padded(tmp_path: Path) -> None:
     spec = ArraySpec("frames", (2, 1024), np.dtype("<u4"), (1, 1024))
     path = tmp_path / "direct.npy"
 

@@ -397,7 +397,7 @@ def test_zarr_sink_blosc_codec_shuffle_variants(tmp_path: Path) -> None:
     np.testing.assert_array_equal(sink.finalize(data.shape)[...], data)
 
 
-def test_zarr_sink_direct_io_chunk_files_match_zarr_reads(tmp_path: Path) -> None:
+def test_zarr_direct_io_chunk_files(tmp_path: Path) -> None:
     # 3 x 1000 uint16 chunks are 6000 bytes: not a block multiple, so every
     # direct write is padded and then cut back to the chunk's true size.
     spec = ArraySpec("frames", (7, 1000), np.dtype("<u2"), (3, 1000))
@@ -413,7 +413,7 @@ def test_zarr_sink_direct_io_chunk_files_match_zarr_reads(tmp_path: Path) -> Non
 
 
 @pytest.mark.filterwarnings("ignore::zarr.errors.UnstableSpecificationWarning")
-def test_zarr_sink_big_endian_field_reopens_with_same_values(tmp_path: Path) -> None:
+def test_zarr_big_endian_field_reopens(tmp_path: Path) -> None:
     dtype = np.dtype([("a", "<i2"), ("b", ">f8")])
     data = np.array([(1, 0.0204), (2, -3.5), (3, 1e300)], dtype=dtype)
     spec = ArraySpec("s", data.shape, dtype, (2,))

@@ -267,7 +267,7 @@ class _Router:
 
 @dataclass
 class _ServerRun:
-    """What the job learned from the server; read after an interruption."""
+    """State the job learned from the server, read after an interruption."""
 
     execution_id: str | None = None
     cancel: CancelResult | None = None
@@ -432,7 +432,7 @@ def run_job(options: JobOptions) -> JobReport:
     FileExistsError
         The output store exists and was not written by this job.
     PortInUseError
-        Another program holds the server port.
+        Another program uses the server port.
     JobInterrupted
         Ctrl-C stopped the run; the store is marked incomplete and the partial
         report is attached.
