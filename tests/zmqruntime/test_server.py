@@ -387,9 +387,11 @@ def test_server_list_has_progress_and_results() -> None:
 def test_server_killed_leaves_no_worker_behind(tmp_path: os.PathLike[str]) -> None:
     endpoint = f"ipc://{tmp_path}/killed.sock"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # A killed server cannot remove its ipc directory, so it goes under tmp_path.
     server = subprocess.Popen(
         [sys.executable, "-m", "zmqruntime", "serve", "--endpoint", endpoint],
         cwd=root,
+        env=dict(os.environ, TMPDIR=str(tmp_path)),
         stderr=subprocess.DEVNULL,
     )
     try:
