@@ -42,7 +42,7 @@ def distinct_frames(shape: tuple[int, int, int], kind: str, seed: int = 0) -> np
     """Make up to ``DISTINCT_FRAMES`` frames of ``shape[1:]`` with data of ``kind``.
 
     ``"microscopy"`` is a smooth Gaussian background of about 300 to 500
-    counts with Poisson noise; ``"random"`` is uniform over the whole uint16
+    counts with Poisson noise. ``"random"`` is uniform over the whole uint16
     range, which blosc cannot compress.
     """
     count = min(shape[0], DISTINCT_FRAMES)

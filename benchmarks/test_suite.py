@@ -178,7 +178,7 @@ def dask_client() -> Iterator[Any]:
         host="127.0.0.1",
         dashboard_address=None,
         # The scheduler starts an HTTP server for its metrics even with the
-        # dashboard off, on port 8787 of every interface unless told otherwise.
+        # dashboard off, on port 8787 of every interface unless configured otherwise.
         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         silence_logs=40,
     )

@@ -187,9 +187,9 @@ class Sink(abc.ABC):
     """
 
     #: True when :meth:`write_owned` stores the data without copying it
-    #: first. A caller that holds memory nobody modifies (a received message
-    #: frame) then hands it to :meth:`write_owned` instead of filling
-    #: :meth:`destination`, which saves one copy.
+    #: first. A caller with memory that is never modified afterwards (a
+    #: received message frame) then hands it to :meth:`write_owned` instead
+    #: of filling :meth:`destination`, which saves one copy.
     takes_ownership: ClassVar[bool] = False
 
     @abc.abstractmethod

@@ -8,9 +8,10 @@ the same writes with ``O_DIRECT`` at 2.0 to 2.5 GB/s. Direct writes also
 leave no gigabytes of dirty pages behind for the kernel to write back later.
 
 ``O_DIRECT`` needs the memory address, the file offset and the length to be
-multiples of the block size, so data is copied into a page-aligned staging
-buffer (a warm, reused buffer: the copy runs at memory speed) and the write
-is padded to :data:`ALIGN`; the caller truncates the file to its true size.
+multiples of the block size. Data is therefore copied into a page-aligned
+staging buffer, which is reused and so stays in memory: the copy runs at memory
+speed. The write is padded to :data:`ALIGN`, and the caller truncates the file
+to its true size.
 File systems without ``O_DIRECT`` (tmpfs) make :func:`open_direct` return None
 and callers fall back to buffered writes.
 """
@@ -24,9 +25,20 @@ import os
 import secrets
 from pathlib import Path
 
+import numpy as np
+
+from ._base import ArraySpec
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["ALIGN", "DIRECT_MIN_BYTES", "Staging", "open_direct", "write_file_direct"]
+__all__ = [
+    "ALIGN",
+    "DIRECT_MIN_BYTES",
+    "Staging",
+    "open_direct",
+    "wants_direct",
+    "write_file_direct",
+]
 
 # Alignment of every O_DIRECT address, offset and length, in bytes. It is a
 # multiple of both common logical block sizes, 512 and 4096 bytes.
@@ -37,6 +49,20 @@ ALIGN = 4096
 DIRECT_MIN_BYTES = 256 << 20
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def wants_direct(direct_io: bool | None, spec: ArraySpec) -> bool:
+    """Return whether a sink should write the result ``spec`` declares with ``O_DIRECT``.
+
+    ``direct_io`` True or False decides. None picks direct I/O for a growable
+    result (its size is unknown) and for one of :data:`DIRECT_MIN_BYTES` or more.
+    """
+    if direct_io is not None:
+        return direct_io
+    if spec.growable:
+        return True
+    nbytes = int(np.prod(spec.initial_shape(), dtype=np.int64)) * spec.dtype.itemsize
+    return nbytes >= DIRECT_MIN_BYTES
 
 
 def aligned_up(nbytes: int) -> int:

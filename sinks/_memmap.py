@@ -26,7 +26,7 @@ from ._common import (
     grown_length,
     region_view,
 )
-from ._direct import ALIGN, DIRECT_MIN_BYTES, Staging, aligned_up, open_direct
+from ._direct import ALIGN, Staging, aligned_up, open_direct, wants_direct
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class MemmapSink(Sink):
         self.direct_io = direct_io
         self._direct_fd: int | None = None
         # Set by the writer thread after the device rejected a direct write.
-        self._direct_refused = False
+        self._direct_rejected = False
         self._staging: Staging | None = None
         self.max_pending_bytes = max_pending_bytes
         self._writer: BackgroundWriter | None = None
@@ -134,7 +134,7 @@ class MemmapSink(Sink):
             shape = (max(spec.chunks[0], 1), *shape[1:])
         try:
             self._file = open(self.path, "w+b")  # noqa: SIM115 - closed in finalize/abort
-            self._write_header(shape, aligned=self._wants_direct(spec))
+            self._write_header(shape, aligned=wants_direct(self.direct_io, spec))
             self._data_offset = self._file.tell()
             self._resize_file(shape)
             if self._data_offset % ALIGN == 0:
@@ -277,15 +277,6 @@ class MemmapSink(Sink):
             return None
         return self._data_offset + index * self._require_spec().dtype.itemsize
 
-    def _wants_direct(self, spec: ArraySpec) -> bool:
-        if self.direct_io is not None:
-            return self.direct_io
-        if spec.growable:
-            return True
-        return int(np.prod(spec.initial_shape(), dtype=np.int64)) * spec.dtype.itemsize >= (
-            DIRECT_MIN_BYTES
-        )
-
     def _direct_ok(self, region: Region, offset: int, payload: memoryview) -> bool:
         """Check that a direct write of ``region`` touches only blocks no other region shares.
 
@@ -293,7 +284,7 @@ class MemmapSink(Sink):
         fixed-shape array ends (the padding then lies past the data and is
         cut off when the sink closes).
         """
-        if self._direct_fd is None or self._direct_refused or offset % ALIGN:
+        if self._direct_fd is None or self._direct_rejected or offset % ALIGN:
             return False
         if payload.nbytes % ALIGN == 0:
             return True
@@ -313,7 +304,7 @@ class MemmapSink(Sink):
             if exc.errno != errno.EINVAL:
                 raise
             logger.warning("direct write to %s failed (%s); using buffered writes", self.path, exc)
-            self._direct_refused = True
+            self._direct_rejected = True
             self._pwrite(payload, offset)
 
     def _pwrite(self, payload: memoryview, offset: int) -> None:

@@ -32,7 +32,7 @@ from ._common import (
     default_fill_value,
     grown_length,
 )
-from ._direct import DIRECT_MIN_BYTES
+from ._direct import wants_direct
 from ._zarr_direct import DirectChunkWriter
 from ._zarr_support import (
     ChunkLocks,
@@ -201,7 +201,7 @@ class ZarrSink(Sink):
         self._copy_before_store = not internals.writes_through(store)
         self._fast_path = self.shards is None and internals.chunk_io_supported()
         self._verbatim = self._find_verbatim_encoding(spec) if self._fast_path else None
-        if self._fast_path and self._wants_direct(spec):
+        if self._fast_path and wants_direct(self.direct_io, spec):
             self._direct = DirectChunkWriter.for_store(store)
 
         chunk_nbytes = int(np.prod(self._chunk_shape, dtype=np.int64)) * spec.dtype.itemsize
@@ -374,12 +374,6 @@ class ZarrSink(Sink):
         self._close(reason)
 
     # Steps of open().
-
-    def _wants_direct(self, spec: ArraySpec) -> bool:
-        if self.direct_io is not None:
-            return self.direct_io
-        total = int(np.prod(spec.initial_shape(), dtype=np.int64)) * spec.dtype.itemsize
-        return spec.growable or total >= DIRECT_MIN_BYTES
 
     def _resolve_chunks(self, spec: ArraySpec) -> tuple[int, ...]:
         chunks = self.chunks if self.chunks is not None else spec.chunks

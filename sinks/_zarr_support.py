@@ -155,10 +155,10 @@ class ScratchPool:
 class ChunkPlan:
     """How a region maps onto exactly one zarr chunk.
 
-    ``kind`` is ``"whole"`` when the region is the full chunk, ``"tail"`` when
-    only axis 0 ends early (the region is the contiguous front of the chunk),
-    and ``"padded"`` for other edge chunks, which are copied into a full chunk
-    before encoding.
+    ``kind`` is ``"whole"`` when the region is the full chunk. It is ``"tail"``
+    when only axis 0 ends early, so the region is the contiguous front of the
+    chunk. Other edge chunks are ``"padded"``: they are copied into a full
+    chunk before encoding.
     """
 
     coords: tuple[int, ...]

@@ -306,7 +306,7 @@ class ProcessExecutor(Executor):
     def _start_queued(self) -> None:
         # Runs in the monitor thread only. The first start of a forkserver
         # worker takes 0.3 to 0.8 s, so process.start() runs outside the lock:
-        # submit() and cancel() from the control loop never wait for it.
+        # submit() and cancel() from the control loop do not wait for it.
         while True:
             with self._lock:
                 if not self._queue or len(self._running) >= self._max_workers or self._closed:

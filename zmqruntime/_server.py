@@ -5,14 +5,14 @@ Threads and sockets
 - The control loop (the thread that calls :meth:`ExecutionServer.serve_forever`)
   owns the ROUTER socket, in a ZeroMQ context of its own, and replies to
   every request itself. Handlers only update tables and start threads, so a reply
-  never waits on a data transfer.
+  does not wait on a data transfer.
 - The ingest thread owns a PULL socket that every worker's PUSH socket
   connects to; it appends each message to the execution's retained stream.
 - Each fetch runs a :class:`Transfer` thread with its own two sockets.
 - The executor's monitor thread delivers worker events (started, progress,
   values, exit) through :meth:`ExecutionServer._on_executor_event`.
 - The retention store's cleanup thread frees released or expired results and
-  deletes their spill files, so the control loop never waits for that.
+  deletes their spill files, so the control loop does not wait for that.
 
 One re-entrant lock guards the execution table and the records in it. The
 ingest thread writes spilled payloads to disk without holding it.

@@ -234,9 +234,9 @@ def spawn_server(
         while time.monotonic() < deadline:
             if ping(0.2):
                 return True
-            # A server that exited at once (the port is taken by another
-            # program, a bad option) will never answer: fail now, not at the
-            # deadline, unless another server answers in the meantime.
+            # A server that exited at once (another program uses the port, or an
+            # option is invalid) cannot reply, so fail now instead of at the
+            # deadline, unless another server replies in the meantime.
             if pid is not None and not _alive(pid) and not ping(0.5):
                 raise ZmqRuntimeError(
                     f"the server started on {endpoint} exited at once; see its log "

@@ -18,7 +18,7 @@ def _memory_owner(array: np.ndarray) -> object:
     return owner.obj if isinstance(owner, memoryview) else owner
 
 
-def test_allocate_zeroed_large_array_is_mapped_zeroed_and_writable() -> None:
+def test_allocate_zeroed_large_array_mapped() -> None:
     array, prefaulter = allocate_zeroed((PREFAULT_MIN_BYTES // 8,), np.dtype("<f8"))
     try:
         assert isinstance(_memory_owner(array), mmap.mmap)

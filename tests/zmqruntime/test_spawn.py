@@ -142,7 +142,7 @@ def _free_port() -> int:
 
 
 def test_spawn_fails_fast_when_port_is_taken(zmqruntime_runtime_dir: Path) -> None:
-    # A plain TCP listener stands in for another program holding the port.
+    # A plain TCP listener plays another program that uses the port.
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     holder.bind(("127.0.0.1", 0))
     holder.listen()

@@ -392,8 +392,8 @@ def _describe_interruption(in_process: bool, run: _ServerRun) -> tuple[str, list
     """Return the report status and the explanation lines for a run stopped by Ctrl-C.
 
     The status is ``"cancelled"`` only when the execution was really cancelled
-    (or never started); ``"interrupted"`` when it had already ended on the
-    server or the cancel request failed.
+    or never started. It is ``"interrupted"`` when the execution had already
+    ended on the server or the cancel request failed.
     """
     kept = "The store is kept and marked incomplete."
     if in_process:
