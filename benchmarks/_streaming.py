@@ -145,6 +145,28 @@ def rss_anon_bytes(pid: int | None = None) -> int:
     raise RuntimeError("RssAnon not found in /proc/PID/status")
 
 
+def arena_bytes(pid: int) -> int:
+    """Return the memory of the shared-memory arenas process ``pid`` holds open, in bytes.
+
+    Arena pages belong to no process's RssAnon (workers write them with
+    ``pwrite``, readers map them briefly), so memory figures add them here.
+    """
+    total = 0
+    seen: set[int] = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for name in os.listdir(fd_dir):
+        try:
+            if not os.readlink(f"{fd_dir}/{name}").startswith("/memfd:zmqruntime-"):
+                continue
+            info = os.stat(f"{fd_dir}/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if info.st_ino not in seen:
+            seen.add(info.st_ino)
+            total += info.st_blocks * 512
+    return total
+
+
 class RssSampler:
     """Samples this process's RssAnon every 10 ms in a thread and keeps the peak."""
 

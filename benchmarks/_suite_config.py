@@ -29,6 +29,10 @@ class EndToEnd:
     byte shuffle, ``"blosc1"`` the same in the format zarr stores as it is,
     and ``"auto"`` lets the server decide per chunk from a sample.
 
+    ``sockets`` turns the shared-memory arenas off on both ends (``serve
+    --no-shared-memory``, ``ExecutionClient(shared_memory=False)``), so every
+    byte crosses both sockets, as it does when the client is on another host.
+
     NOTE: ``get_results`` takes only a mode string, so zstd cannot be
     requested end to end. zstd is measured only in the engine-level link rows.
     """
@@ -37,11 +41,18 @@ class EndToEnd:
     compression: str
     transport: str
     data: str
+    sockets: bool = False
 
     @property
     def label(self) -> str:
         codec = {"blosc2": "lz4", "blosc1": "lz4-blosc1"}.get(self.compression, self.compression)
-        return f"{self.sink}/{codec}/{self.transport}/{self.data}"
+        label = f"{self.sink}/{codec}/{self.transport}/{self.data}"
+        return f"{label}/sockets" if self.sockets else label
+
+    @property
+    def server_key(self) -> str:
+        """Which server subprocess runs the case: its transport, and whether arenas are off."""
+        return f"{self.transport}-sockets" if self.sockets else self.transport
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,7 @@ def _quick_configs() -> tuple[EndToEnd, ...]:
     micro = "microscopy"
     return (
         EndToEnd("memory", "none", "tcp", micro),
+        EndToEnd("memory", "none", "tcp", micro, sockets=True),
         EndToEnd("memory", "none", "ipc", micro),
         EndToEnd("memory", "blosc2", "tcp", micro),
         EndToEnd("memory", "auto", "tcp", micro),
@@ -90,6 +102,7 @@ def _full_configs() -> tuple[EndToEnd, ...]:
     configs = [EndToEnd(*combination) for combination in grid]
     # The zarr sink stores blosc1 chunks as they arrive, without decompressing.
     configs.append(EndToEnd("zarr", "blosc1", "tcp", "microscopy"))
+    configs += [EndToEnd(sink, "none", "tcp", "microscopy", sockets=True) for sink in sinks]
     return tuple(configs)
 
 

@@ -42,7 +42,7 @@ from zmqruntime import (
 )
 
 from . import _suite_data
-from ._streaming import RssSampler, rss_anon_bytes
+from ._streaming import RssSampler, arena_bytes, rss_anon_bytes
 from ._suite_config import ROOT, EndToEnd
 
 logger = logging.getLogger(__name__)
@@ -110,11 +110,17 @@ class ServerProcess:
 
     @staticmethod
     def tree_rss_anon(pids: list[int]) -> int:
-        """Return RssAnon of the processes ``pids``, summed, in bytes; ended ones count 0."""
+        """Return RssAnon of ``pids`` plus the server's arenas, summed, in bytes.
+
+        ``pids[0]`` is the server; processes that ended count 0.
+        """
         total = 0
         for pid in pids:
             with contextlib.suppress(OSError, RuntimeError):
                 total += rss_anon_bytes(pid)
+        if pids:
+            with contextlib.suppress(OSError):
+                total += arena_bytes(pids[0])
         return total
 
 

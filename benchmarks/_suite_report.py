@@ -48,7 +48,7 @@ class Figure:
         if self.client_rss_mib is not None:
             info["client RssAnon growth MiB"] = round(self.client_rss_mib, 1)
         if self.server_rss_mib is not None:
-            info["server RssAnon peak MiB"] = round(self.server_rss_mib, 1)
+            info["server memory peak MiB"] = round(self.server_rss_mib, 1)
         if self.compression_ratio is not None:
             info["compression ratio"] = round(self.compression_ratio, 3)
         if self.status_ms is not None:
@@ -90,7 +90,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def _e2e_table(results: Results) -> list[str]:
     lines = [
         "| configuration | size | GB/s | x transport | x Dask direct | x Dask default "
-        "| client RssAnon growth MiB | server RssAnon peak MiB | compression ratio "
+        "| client RssAnon growth MiB | server memory peak MiB | compression ratio "
         "| status p50 / p99 ms (samples) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -234,10 +234,13 @@ data is uniform over the uint16 range. GB/s means 1e9 bytes per second of raw ar
   made its frames and declared its result, to write. It stops when the last chunk is in the
   sink, so the fetch set-up, both hops (worker to server, server to client) and the sink
   writes count. "lz4" is `compression="blosc2"` (lz4, level 1, byte shuffle), and "auto" lets
-  the server decide.
+  the server decide. By default the payloads pass through the server's shared-memory arena,
+  since all processes run on one host; rows ending in "/sockets" turn the arenas off on both
+  ends, so every byte crosses both sockets, as it does for a client on another host.
 - Client RssAnon growth: peak anonymous resident memory of the benchmark process above its value
   before the round (the memory sink's array counts; file-backed memmap pages do not). Server
-  RssAnon peak: the server process and its worker, summed, including the worker's 8 source frames.
+  memory peak: RssAnon of the server process and its worker, summed, including the worker's
+  8 source frames, plus the pages of the server's shared-memory arenas.
 - Status p50 / p99: `get_status` round trips from a second client in its own process, every
   5 ms during the stream.
 - numpy copyto: `np.copyto` into a preallocated, pre-faulted array (the memory limit).

@@ -218,14 +218,16 @@ def test_dask_gather(benchmark: Any, dask_client: Any, direct: bool, nbytes: int
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, ServerProcess]]:
-    """Server subprocesses by transport, started on first use and stopped at module end."""
+    """Server subprocesses by ``EndToEnd.server_key``, started on first use, stopped at the end."""
     with contextlib.ExitStack() as stack:
         started: dict[str, ServerProcess] = {}
 
         class _Lazy(dict[str, ServerProcess]):
-            def __missing__(self, transport: str) -> ServerProcess:
-                started[transport] = stack.enter_context(running_server(transport))
-                return started[transport]
+            def __missing__(self, key: str) -> ServerProcess:
+                transport, _, sockets = key.partition("-")
+                args = ["--no-shared-memory"] if sockets else []
+                started[key] = stack.enter_context(running_server(transport, args))
+                return started[key]
 
         yield _Lazy()
 
@@ -242,11 +244,16 @@ def _e2e_cases() -> list[Any]:
 def test_end_to_end(
     benchmark: Any, servers: dict[str, ServerProcess], config: EndToEnd, nbytes: int
 ) -> None:
-    server = servers[config.transport]
+    server = servers[config.server_key]
     rounds: list[EndToEndRound] = []
     poller = StatusPoller(server.endpoint)
     try:
-        with ExecutionClient(endpoint=server.endpoint, auto_spawn=False, timeout=60) as client:
+        with ExecutionClient(
+            endpoint=server.endpoint,
+            auto_spawn=False,
+            timeout=60,
+            shared_memory=not config.sockets,
+        ) as client:
 
             def one_round() -> None:
                 tag = f"r{len(rounds)}"

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ._client import ExecutionClient
 from ._errors import ZmqRuntimeError
-from ._execution import ServerConfig
+from ._execution import ServerConfig, default_memory_limit
 from ._server import ExecutionServer
 from ._status import ExecutionState, ExecutionStatus
 
@@ -76,9 +76,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--memory-limit-mib",
         type=_at_least_zero(float),
-        default=512,
+        default=None,
         help="MiB of retained results kept in memory before spilling to "
-        "disk (default: %(default)s)",
+        "disk (default: 30%% of physical memory, at least 512)",
     )
     serve.add_argument(
         "--spill-dir",
@@ -118,6 +118,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=10,
         help="nice increment of the server's data-path threads, so control requests run "
         "first on a busy machine; 0 turns it off, Linux only (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--no-shared-memory",
+        dest="shared_memory",
+        action="store_false",
+        help="send every payload over sockets, even between processes of this host "
+        "(by default large payloads pass through shared memory on Linux)",
     )
     serve.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)"
@@ -211,7 +218,11 @@ def _serve(args: argparse.Namespace) -> int:
         endpoint=_endpoint(args),
         max_workers=args.workers,
         max_queued=args.max_queued,
-        memory_limit=int(args.memory_limit_mib * _MIB),
+        memory_limit=(
+            default_memory_limit()
+            if args.memory_limit_mib is None
+            else int(args.memory_limit_mib * _MIB)
+        ),
         spill_dir=args.spill_dir,
         retention_seconds=args.retention,
         idle_timeout=args.idle_timeout or None,
@@ -219,6 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
         kill_after=args.grace_period,
         window_bytes=int(args.window_mib * _MIB),
         data_nice=args.data_nice,
+        shared_memory=args.shared_memory,
     )
     # This process is the server alone, so it may tune the interpreter: with
     # the ingest and transfer threads busy, a control request waits for the

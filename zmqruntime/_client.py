@@ -20,6 +20,7 @@ from typing import Any
 
 import zmq
 
+from ._arena import ArenaReader, arenas_supported
 from ._control import (
     ControlValueError,
     MessageType,
@@ -40,7 +41,7 @@ from ._receiver import DEFAULT_HWM, ChunkReceived, StreamEvent, StreamReceiver
 from ._sinkfactory import SinkArgument, make_sink_factory
 from ._spawn import spawn_server
 from ._status import CancelResult, ExecutionStatus
-from ._transfer import pack_credit, pack_done
+from ._transfer import pack_arena_reply, pack_credit, pack_done
 
 __all__ = ["ExecutionClient"]
 
@@ -82,6 +83,10 @@ class ExecutionClient:
         Seconds to wait for a spawned server's first answer.
     server_args:
         Extra command-line arguments for a spawned server.
+    shared_memory:
+        On the server's host, read large payloads from the server's
+        shared-memory arena instead of the data socket (Linux, same user;
+        anything else falls back to the socket). False always uses the socket.
 
     The client is thread safe: requests are serialized by a lock. Fetches use
     their own sockets and may run in parallel with requests.
@@ -99,6 +104,7 @@ class ExecutionClient:
         idle_timeout: float = 300.0,
         spawn_timeout: float = 10.0,
         server_args: Sequence[str] = (),
+        shared_memory: bool = True,
     ) -> None:
         self.endpoint = endpoint or f"tcp://{host}:{port}"
         self.timeout = timeout
@@ -107,6 +113,7 @@ class ExecutionClient:
         self.idle_timeout = idle_timeout
         self.spawn_timeout = spawn_timeout
         self.server_args = tuple(server_args)
+        self.shared_memory = shared_memory
         self._context: zmq.Context[Any] = zmq.Context()
         self._context.setsockopt(zmq.LINGER, 0)
         self._socket: zmq.Socket[Any] | None = None
@@ -450,19 +457,21 @@ class ExecutionClient:
             "names": list(names) if names is not None else None,
             "window_bytes": window_bytes,
             "compression": compression,
+            "arena": self.shared_memory and arenas_supported(),
         }
         # Only the caller's names= decide the layout, never the timing: a fetch
         # started before or after the run ended writes the same paths.
         known_names = list(names) if names is not None else None
         reply = self._request(MessageType.RESULTS, body)
         idle_limit = self.timeout if timeout is None else timeout
-        with _FetchSockets(self._context, reply) as fetch:
+        with _FetchSockets(self._context, reply, exec_id) as fetch:
             receiver = StreamReceiver(
                 fetch.data,
                 exec_id,
                 make_sink_factory(sink, known_names),
                 timeout=min(_FETCH_POLL, idle_limit),
                 on_chunk=fetch.credit,
+                arena=fetch.arena,
             )
             yield from self._follow(receiver, exec_id, idle_limit)
             fetch.done()
@@ -495,9 +504,9 @@ class ExecutionClient:
 
 
 class _FetchSockets:
-    """The client end of one transfer: a PULL for data and a PUSH for credits."""
+    """The client end of one transfer: a PULL for data, a PUSH for credits, maybe an arena."""
 
-    def __init__(self, context: zmq.Context[Any], reply: Mapping[str, Any]) -> None:
+    def __init__(self, context: zmq.Context[Any], reply: Mapping[str, Any], exec_id: str) -> None:
         self.data = context.socket(zmq.PULL)
         self.data.setsockopt(zmq.LINGER, 0)
         self.data.setsockopt(zmq.RCVHWM, DEFAULT_HWM)
@@ -505,6 +514,16 @@ class _FetchSockets:
         self._credits = context.socket(zmq.PUSH)
         self._credits.setsockopt(zmq.LINGER, 0)
         self._credits.connect(reply["credit_endpoint"])
+        self.arena: ArenaReader | None = None
+
+        locator = reply.get("arena")
+        if locator:
+            try:
+                self.arena = ArenaReader(locator, exec_id)
+            except (OSError, KeyError, ValueError, TypeError) as exc:
+                # Another host or another user: the socket carries the payloads.
+                logger.debug("execution %s: arena not readable here: %s", exec_id, exc)
+            self._credits.send(pack_arena_reply(self.arena is not None))
 
     def credit(self, nbytes: int) -> None:
         self._credits.send(pack_credit(nbytes))
@@ -520,6 +539,8 @@ class _FetchSockets:
     def __exit__(self, *exc_info: object) -> None:
         self.data.close(linger=0)
         self._credits.close(linger=0)
+        if self.arena is not None:
+            self.arena.close()
 
 
 def _destroy(context: zmq.Context[Any]) -> None:

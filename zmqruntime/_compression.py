@@ -25,7 +25,13 @@ from sinks import ChunkEncoding
 
 from ._errors import PayloadSizeError, UnknownCodecError
 
-__all__ = ["Compression", "as_compression", "compress_chunk", "decompress_into"]
+__all__ = [
+    "Compression",
+    "as_compression",
+    "compress_chunk",
+    "decompress_into",
+    "release_gil_in_codecs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,17 @@ class Compression:
         """
         link = self.link_bytes_per_s or _LOCAL_LINK_BYTES_PER_S
         return min(compress_bytes_per_s, ratio * link) > 1.1 * link
+
+
+def release_gil_in_codecs() -> None:
+    """Let blosc2 release the GIL while it compresses or decompresses, process-wide.
+
+    python-blosc2 keeps the GIL during its codecs by default, so one 8 MiB
+    chunk blocks every other thread of the process for milliseconds. The
+    server and its workers call this at start; a client process decides for
+    itself, since the setting is global to blosc2.
+    """
+    blosc2.set_releasegil(True)
 
 
 def as_compression(value: Compression | str | None) -> Compression:

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TERMINAL_STATES", "ExecutionRecord", "ServerConfig", "crash_error"]
+__all__ = [
+    "TERMINAL_STATES",
+    "ExecutionRecord",
+    "ServerConfig",
+    "crash_error",
+    "default_memory_limit",
+]
 
 STATES = ("queued", "running", "cancelling", "completed", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 
 # Fields of each result summary in a brief (``list``) status row.
 _BRIEF_RESULT_KEYS = ("name", "shape", "dtype", "bytes", "chunks_done", "complete")
+
+
+# Share of physical memory that retained results may use before spilling. Ray
+# reserves 30 % of available memory for its object store by default (Ray
+# documentation, "Memory Management").
+_MEMORY_SHARE = 0.3
+_MIN_MEMORY_LIMIT = 512 << 20
+
+
+def default_memory_limit() -> int:
+    """Return 30 % of physical memory in bytes, at least 512 MiB (512 MiB where unknown)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return _MIN_MEMORY_LIMIT
+    return max(_MIN_MEMORY_LIMIT, int(physical * _MEMORY_SHARE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +57,7 @@ class ServerConfig:
         Executions that may wait for a worker; more are rejected.
     memory_limit:
         Retained result payload bytes kept in memory; the rest spills to disk.
+        By default 30 % of physical memory, at least 512 MiB.
     spill_dir:
         Directory for spill files; None uses the system temp directory.
     retention_seconds:
@@ -59,13 +83,17 @@ class ServerConfig:
         Nice increment of the server's data-path threads (ingest, transfers
         and the data context's libzmq I/O thread), so that on a saturated
         machine the control loop runs first; 0 turns it off. Linux only.
+    shared_memory:
+        Pass large payloads between workers, server and clients of this host
+        through shared-memory arenas instead of sockets (Linux only; see
+        ``docs/concepts.md``). False sends every byte over the sockets.
     """
 
     endpoint: str = "tcp://127.0.0.1:5555"
     host: str | None = None
     max_workers: int = 2
     max_queued: int = 1000
-    memory_limit: int = 512 << 20
+    memory_limit: int = field(default_factory=default_memory_limit)
     spill_dir: str | None = None
     retention_seconds: float = 3600.0
     idle_timeout: float | None = None
@@ -77,6 +105,7 @@ class ServerConfig:
     chunk_bytes: int | None = None
     start_method: str | None = None
     data_nice: int = 10
+    shared_memory: bool = True
 
 
 @dataclass(slots=True)

@@ -65,6 +65,8 @@ class Job:
     data_endpoint: str
     chunk_bytes: int | None = None
     compression: str | None = None
+    arena: Mapping[str, Any] | None = None
+    arena_limit: int = 0
 
     def pack(self) -> bytes:
         """Encode the job as msgpack bytes for the worker (no pickling)."""
@@ -76,6 +78,8 @@ class Job:
                 "data_endpoint": self.data_endpoint,
                 "chunk_bytes": self.chunk_bytes,
                 "compression": self.compression,
+                "arena": None if self.arena is None else dict(self.arena),
+                "arena_limit": self.arena_limit,
             }
         )
 

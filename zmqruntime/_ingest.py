@@ -3,7 +3,9 @@
 Every worker connects a PUSH socket to the server's one PULL socket. This
 thread decodes each message's header, updates the execution's progress and
 result summary, and appends the message to the execution's retained stream.
-Payloads are kept as the received ZeroMQ frames (no copy) until spilled.
+Payloads are kept as the received ZeroMQ frames (no copy) until spilled. A
+chunk whose payload the worker put in the execution's arena arrives as
+``[header, ARENA_MARKER, ref]`` and is retained as that reference.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from ._arena import is_marker
 from ._errors import ProtocolError
 from ._priority import lower_current_thread
-from ._retention import RetentionStore
+from ._retention import RetainedStream, RetentionStore
 from ._wire import ChunkHeader, ResultDeclaration, ResultEnd, StreamEnd, decode_message
 
 if TYPE_CHECKING:
@@ -91,7 +94,8 @@ class Ingest:
             self._drop(str(exc))
             return
         is_chunk = isinstance(message, ChunkHeader)
-        if len(frames) != (2 if is_chunk else 1):
+        by_ref = is_chunk and len(frames) == 3 and is_marker(frames[1])
+        if len(frames) != (2 if is_chunk else 1) and not by_ref:
             self._drop(
                 f"{type(message).__name__} of execution {message.exec_id} arrived "
                 f"as {len(frames)} frames"
@@ -107,7 +111,7 @@ class Ingest:
             with self._server.lock:
                 if self._server.execution(message.exec_id) is None or stream.cut:
                     return  # cancelled: the server seals the stream itself
-                if stream.seal(header):
+                if stream.seal(header, by_worker=True):
                     self._server.on_stream_end(message)
             return
 
@@ -115,13 +119,30 @@ class Ingest:
         # written to disk, and status requests must not wait for that.
         if stream.cut:
             return  # cancelled: the rest of its stream is discarded
-        payload = frames[1].buffer if is_chunk else None
-        if not stream.append(header, payload):
+        if by_ref:
+            assert isinstance(message, ChunkHeader)
+            span = self._arena_span(stream, message, frames[2])
+            if span is None or not stream.append(header, arena_span=span):
+                return
+        elif not stream.append(header, frames[1].buffer if is_chunk else None):
             return
         with self._server.lock:
             record = self._server.execution(message.exec_id)
             if record is not None:
                 _summarize(record, message)
+
+    def _arena_span(
+        self, stream: RetainedStream, message: ChunkHeader, ref: zmq.Frame
+    ) -> tuple[int, int] | None:
+        arena = stream.arena
+        if arena is None:
+            self._drop(f"execution {message.exec_id} sent an arena reference but has no arena")
+            return None
+        try:
+            return arena.check(ref, message.cbytes)
+        except (ProtocolError, KeyError) as exc:
+            self._drop(f"chunk {message.seq} of result {message.name!r}: {exc}")
+            return None
 
 
 def _summarize(record: Any, message: Any) -> None:

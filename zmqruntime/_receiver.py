@@ -12,6 +12,11 @@ region. Otherwise one scratch buffer of one chunk is used and reused. The
 receiver keeps at most what the socket's receive high-water mark queues plus
 what the sink queues (bounded by the sink's ``max_pending_bytes``), never the
 whole array: give the PULL socket a small ``RCVHWM`` (see :data:`DEFAULT_HWM`).
+
+With an :class:`ArenaReader`, a chunk may arrive as ``[header, ARENA_MARKER,
+ref]``: its payload is read from the server's shared-memory arena, copied once
+into the sink's region, or mapped without a copy for a sink that takes
+ownership.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import zmq
 
 from sinks import ArraySpec, Region, Sink
 
+from ._arena import ArenaReader, is_marker
 from ._compression import decompress_into
 from ._dtypes import byte_view
 from ._errors import (
@@ -121,6 +127,10 @@ class StreamReceiver:
     on_chunk:
         Called with a chunk's payload size in bytes after it is written, for
         flow-control credits or progress.
+    arena:
+        The server's arena for this stream, when the client could open it;
+        chunks that reference it are read from it. None: every payload must
+        arrive in its message.
 
     A protocol error, a failed or cancelled execution aborts every unfinished
     sink (keeping what they committed) before the exception propagates.
@@ -135,8 +145,10 @@ class StreamReceiver:
         *,
         timeout: float | None = None,
         on_chunk: Callable[[int], None] | None = None,
+        arena: ArenaReader | None = None,
     ) -> None:
         self._socket = socket
+        self._arena = arena
         self.exec_id = exec_id
         self._sink_for = sink_for
         self.timeout = timeout
@@ -221,7 +233,9 @@ class StreamReceiver:
         state = self._checked_state(header)
         region = header.region
 
-        if header.encoding is None:
+        if self._arena is not None:
+            self._receive_with_arena(state, header, region, self._arena)
+        elif header.encoding is None:
             self._receive_raw(state, header, region)
         else:
             self._receive_compressed(state, header, region)
@@ -284,10 +298,56 @@ class StreamReceiver:
         block = np.frombuffer(payload, np.uint8).view(state.spec.dtype).reshape(region.shape)
         state.sink.write_owned(region, block)
 
+    def _receive_with_arena(
+        self, state: _ResultState, header: ChunkHeader, region: Region, arena: ArenaReader
+    ) -> None:
+        """Receive a chunk whose payload is either its second frame or in the arena."""
+        frame = self._recv_payload_frame()
+        expected = header.nbytes if header.encoding is None else header.cbytes
+        # Three frames with the marker in the middle mean a reference; a
+        # payload that happens to equal the marker comes as two frames.
+        if not (self._socket.getsockopt(zmq.RCVMORE) and is_marker(frame)):
+            payload = self._checked_payload(header, frame, expected)
+            self._store_payload(state, header, region, payload)
+            return
+
+        ref = self._recv_payload_frame()
+        self._expect_no_more_frames(header)
+        if header.encoding is None and not state.sink.takes_ownership:
+            dest = state.sink.destination(region)
+            if dest is not None and dest.flags.c_contiguous:
+                arena.read_into(ref, memoryview(cast(Any, byte_view(dest))))
+                state.sink.commit(region)
+                return
+        self._store_payload(state, header, region, arena.view(ref, expected))
+
+    def _store_payload(
+        self, state: _ResultState, header: ChunkHeader, region: Region, payload: memoryview
+    ) -> None:
+        """Store a payload the sink may keep: it is never reused by the receiver."""
+        if header.encoding is not None:
+            self._store_compressed(state, header, region, payload)
+            return
+        block = np.frombuffer(payload, np.uint8).view(state.spec.dtype).reshape(region.shape)
+        if state.sink.takes_ownership:
+            state.sink.write_owned(region, block)
+            return
+        dest = state.sink.destination(region)
+        if dest is not None:
+            np.copyto(dest, block)
+            state.sink.commit(region)
+        else:
+            state.sink.write(region, block)
+
     def _receive_compressed(self, state: _ResultState, header: ChunkHeader, region: Region) -> None:
         assert header.encoding is not None
         payload = self._recv_checked_payload(header, header.cbytes)
+        self._store_compressed(state, header, region, payload)
 
+    def _store_compressed(
+        self, state: _ResultState, header: ChunkHeader, region: Region, payload: memoryview
+    ) -> None:
+        assert header.encoding is not None
         sink = state.sink
         stored = (
             sink.write_encoded(region, payload, header.encoding, owned=True)
@@ -304,7 +364,9 @@ class StreamReceiver:
 
     def _recv_checked_payload(self, header: ChunkHeader, expected: int) -> memoryview:
         """Receive a chunk's payload frame without copying and check its length."""
-        frame = self._recv_payload_frame()
+        return self._checked_payload(header, self._recv_payload_frame(), expected)
+
+    def _checked_payload(self, header: ChunkHeader, frame: zmq.Frame, expected: int) -> memoryview:
         payload = memoryview(frame.buffer)
         if len(payload) != expected:
             raise PayloadSizeError(

@@ -7,7 +7,13 @@ long after the run see the same stream.
 
 Chunk payloads stay in memory while the store's total is under
 ``memory_limit`` bytes; past it new payloads are appended to one spill file per
-execution under ``spill_dir``. Headers always stay in memory. A stream and its
+execution under ``spill_dir``. A stream with an :class:`Arena` may keep
+payloads there, written by its worker. They count against the same bound, and
+spilling one frees its arena pages. A released stream's arena goes back to the
+store's :class:`ArenaPool` only when nothing can still touch it: the worker sent
+its stream end, and every transfer of the stream ended with the client's
+acknowledgement. Otherwise it is closed. A release while a transfer still runs
+leaves that decision to the transfer's end. Headers always stay in memory. A stream and its
 spill file are removed by :meth:`RetentionStore.release`, by
 :meth:`RetentionStore.close` (server shutdown) and by
 :meth:`RetentionStore.expire` once the retention time has passed since the
@@ -29,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._arena import Arena, ArenaPool
+
 __all__ = ["Record", "RetainedStream", "RetentionStore"]
 
 logger = logging.getLogger(__name__)
@@ -39,8 +47,9 @@ class Record:
     """One message of a stream: its header frame and, for a chunk, its payload.
 
     ``payload`` holds the bytes when they are in memory; a spilled payload has
-    ``payload`` None and lives at ``spill_offset`` in the stream's spill file.
-    ``is_chunk`` is True for ``[header, payload]`` messages.
+    ``payload`` None and lives at ``spill_offset`` in the stream's spill file;
+    a payload in the stream's arena has ``payload`` None and lives at
+    ``arena_offset`` there. ``is_chunk`` is True for chunk messages.
     """
 
     header: bytes
@@ -48,6 +57,7 @@ class Record:
     nbytes: int = 0
     payload: bytes | memoryview | None = None
     spill_offset: int = -1
+    arena_offset: int = -1
 
 
 class RetainedStream:
@@ -71,6 +81,13 @@ class RetainedStream:
         self._spill_path: Path | None = None
         self._spill_size = 0
         self.memory_bytes = 0
+        # Set by the server before the worker starts; pooled or closed on release.
+        self.arena: Arena | None = None
+        self._arena_users = 0
+        self._arena_tainted = False
+        self._ended_by_worker = False
+        # The arena of a stream released while transfers ran, until the last ends.
+        self._arena_pending: Arena | None = None
 
     @property
     def sealed(self) -> bool:
@@ -96,36 +113,55 @@ class RetainedStream:
         with self.cond:
             return len(self._records)
 
-    def append(self, header: bytes, payload: bytes | memoryview | None = None) -> bool:
+    def append(
+        self,
+        header: bytes,
+        payload: bytes | memoryview | None = None,
+        *,
+        arena_span: tuple[int, int] | None = None,
+    ) -> bool:
         """Append a message; False (and nothing stored) when sealed, released or cut for chunks.
 
         The stream keeps a reference to ``payload`` (no copy) while it stays in
-        memory; the caller must not modify it afterwards. A spilled payload is
-        written to disk without holding the store's lock, so readers and the
-        server's control loop never wait for the disk. One thread per stream
-        may call this (the server's ingest thread); messages keep its order.
+        memory; the caller must not modify it afterwards. ``arena_span``
+        (offset, byte count) stands for a payload in the stream's arena
+        instead. A spilled payload is written to disk without holding the
+        store's lock, so readers and the server's control loop never wait for
+        the disk. One thread per stream may call this (the server's ingest
+        thread); messages keep its order.
         """
+        is_chunk = payload is not None or arena_span is not None
         with self.cond:
-            if not self._accepts(payload is not None):
+            if not self._accepts(is_chunk):
                 return False
-            if payload is None:
+            if not is_chunk:
                 self._add(Record(header, False))
                 return True
-            nbytes = len(payload)
+            nbytes = len(payload) if payload is not None else arena_span[1]  # type: ignore[index]
             if self._store.reserve_memory(nbytes):
                 self.memory_bytes += nbytes
-                self._add(Record(header, True, nbytes, payload))
+                if arena_span is not None:
+                    self._add(Record(header, True, nbytes, arena_offset=arena_span[0]))
+                else:
+                    self._add(Record(header, True, nbytes, payload))
                 return True
             fd, offset = self._reserve_spill(nbytes)
+            arena = self.arena
 
         # The duplicate descriptor keeps the file writable if a release closes
         # the original during the write.
         try:
-            written = os.pwrite(fd, payload, offset)
+            if arena_span is not None:
+                assert arena is not None
+                arena.spill(fd, offset, *arena_span)
+            else:
+                written = os.pwrite(fd, payload, offset)  # type: ignore[arg-type]
+                if written != nbytes:
+                    raise OSError(
+                        f"short write to spill file {self._spill_path}: {written} of {nbytes}"
+                    )
         finally:
             os.close(fd)
-        if written != nbytes:
-            raise OSError(f"short write to spill file {self._spill_path}: {written} of {nbytes}")
 
         with self.cond:
             # A cancel or release during the write discards the chunk.
@@ -161,16 +197,42 @@ class RetainedStream:
         self._spill_path = Path(name)
         logger.info("execution %s spills result payloads to %s", self.exec_id, name)
 
-    def seal(self, header: bytes) -> bool:
-        """Append the stream end ``header`` and seal; False when already sealed or released."""
+    def seal(self, header: bytes, *, by_worker: bool = False) -> bool:
+        """Append the stream end ``header`` and seal; False when already sealed or released.
+
+        ``by_worker`` marks the worker's own stream end, after which it writes
+        nothing more to the arena. The server seals cancelled and crashed
+        streams itself, and their workers may still be writing.
+        """
         with self.cond:
             if self._sealed or self._released:
                 return False
+            self._ended_by_worker = by_worker
             self._records.append(Record(header, False))
             self._sealed = True
             self.sealed_at = time.monotonic()
             self.cond.notify_all()
             return True
+
+    def add_reader(self) -> None:
+        """Count a transfer that may send the arena's pages, zero-copy or by reference."""
+        with self.cond:
+            self._arena_users += 1
+
+    def remove_reader(self, acknowledged: bool) -> None:
+        """Uncount a transfer; one that ended without the client's acknowledgement
+        may have left pages in use, so the arena is then never pooled."""
+        with self.cond:
+            self._arena_users -= 1
+            self._arena_tainted = self._arena_tainted or not acknowledged
+            arena = self._arena_pending if self._arena_users == 0 else None
+            if arena is None:
+                return
+            self._arena_pending = None
+            pool = self._store.arena_pool if not self._arena_tainted else None
+        # Closing the last descriptor frees the pages, which can take 100 ms
+        # for a gigabyte, so it happens outside the lock.
+        _Cleanup([], None, arena, pool).run()
 
     def cut_stream(self) -> None:
         """Mark the stream cancelled: no chunk is appended or sent from now on."""
@@ -203,6 +265,11 @@ class RetainedStream:
         """Return a chunk record's payload, reading it from the spill file if needed."""
         if record.payload is not None:
             return record.payload
+        if record.arena_offset >= 0:
+            with self.cond:
+                if self._released or self.arena is None:
+                    raise KeyError(self.exec_id)
+                return self.arena.view(record.arena_offset, record.nbytes)
         with self.cond:
             if self._released or self._spill_fd is None:
                 raise KeyError(self.exec_id)
@@ -217,18 +284,25 @@ class RetainedStream:
             raise OSError(f"short read from spill file of execution {self.exec_id}")
         return data
 
-    def _drop(self) -> tuple[int, list[Record], Path | None]:
-        # Caller holds the lock. Returns the memory bytes given back, the
-        # dropped records and the spill file, which the caller frees and
-        # deletes after releasing the lock (both can take milliseconds).
+    def _drop(self) -> tuple[int, _Cleanup]:
+        # Caller holds the lock. Returns the memory bytes given back and what
+        # the caller frees and deletes after releasing the lock (both can take
+        # milliseconds).
         self._released = True
         records, self._records = self._records, []
         if self._spill_fd is not None:
             os.close(self._spill_fd)
             self._spill_fd = None
         freed, self.memory_bytes = self.memory_bytes, 0
+        arena, self.arena = self.arena, None
+        pool = None
+        if arena is not None and self._ended_by_worker and not self._arena_tainted:
+            if self._arena_users > 0:
+                self._arena_pending, arena = arena, None
+            else:
+                pool = self._store.arena_pool
         self.cond.notify_all()
-        return freed, records, self._spill_path
+        return freed, _Cleanup(records, self._spill_path, arena, pool)
 
 
 class RetentionStore:
@@ -240,11 +314,20 @@ class RetentionStore:
         Payload bytes kept in memory across all streams before spilling.
     spill_dir:
         Directory for spill files; created if missing. None: the system temp dir.
+    arena_pool:
+        Where the arenas of released streams go when they may be reused; None
+        closes them.
     """
 
-    def __init__(self, memory_limit: int, spill_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        memory_limit: int,
+        spill_dir: str | os.PathLike[str] | None = None,
+        arena_pool: ArenaPool | None = None,
+    ) -> None:
         self.lock = threading.RLock()
         self.memory_limit = memory_limit
+        self.arena_pool = arena_pool
         self.spill_dir = None if spill_dir is None else str(spill_dir)
         if self.spill_dir is not None:
             Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
@@ -268,6 +351,12 @@ class RetentionStore:
                 return False
             self._memory_used += nbytes
             return True
+
+    def new_arena(self, exec_id: str) -> Arena:
+        """Return an arena for ``exec_id``'s stream, from the pool when it has one."""
+        if self.arena_pool is not None:
+            return self.arena_pool.take(exec_id)
+        return Arena(exec_id)
 
     def create(self, exec_id: str) -> RetainedStream:
         """Create and return the stream of ``exec_id``; an existing one is returned as is."""
@@ -296,9 +385,8 @@ class RetentionStore:
             stream = self._streams.pop(exec_id, None)
             if stream is None:
                 return False
-            freed, records, spill_path = stream._drop()
+            freed, cleanup = stream._drop()
             self._memory_used -= freed
-        cleanup = _Cleanup(records, spill_path)
         if background:
             self._start_cleanup_thread()
             self._cleanup_queue.put(cleanup)
@@ -334,6 +422,8 @@ class RetentionStore:
                 for exec_id, stream in self._streams.items()
                 if stream.sealed_at is not None and now - stream.sealed_at > retention_seconds
             ]
+        if self.arena_pool is not None:
+            self.arena_pool.trim()
         return [exec_id for exec_id in candidates if self.release(exec_id, background=True)]
 
     def close(self) -> None:
@@ -346,16 +436,26 @@ class RetentionStore:
         if thread is not None:
             self._cleanup_queue.put(None)
             thread.join(30.0)
+        if self.arena_pool is not None:
+            self.arena_pool.close()
 
 
 @dataclass(slots=True)
 class _Cleanup:
-    """Payloads and a spill file of a released stream, to free and delete outside any lock."""
+    """Payloads, spill file and arena of a released stream, to free outside any lock."""
 
     records: list[Record]
     spill_path: Path | None
+    arena: Arena | None = None
+    pool: ArenaPool | None = None
 
     def run(self) -> None:
         self.records.clear()
         if self.spill_path is not None:
             self.spill_path.unlink(missing_ok=True)
+        if self.arena is None:
+            return
+        if self.pool is not None:
+            self.pool.give(self.arena)
+        else:
+            self.arena.close()

@@ -25,6 +25,7 @@ import zmq
 
 from sinks import ChunkEncoding, Region
 
+from ._arena import ARENA_MARKER, MIN_ARENA_PAYLOAD, ArenaWriter
 from ._chunking import DEFAULT_CHUNK_BYTES, default_chunks, regions_within, validate_chunks
 from ._compression import (
     Compression,
@@ -80,6 +81,10 @@ class ResultStream:
         may block before :class:`ZmqTimeoutError`; None waits forever. After a
         timeout, a buffer that was being sent may still be referenced by
         libzmq: do not reuse it.
+    arena:
+        A worker's shared-memory arena (see ``_arena``): payloads of at least
+        :data:`MIN_ARENA_PAYLOAD` bytes are copied into it and only a
+        reference is sent. For a server's workers only; None sends every payload.
 
     Not thread safe: use a stream, and its socket, from one thread.
     """
@@ -92,8 +97,10 @@ class ResultStream:
         compression: Compression | str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         timeout: float | None = None,
+        arena: ArenaWriter | None = None,
     ) -> None:
         self._socket = socket
+        self._arena = arena
         self.exec_id = exec_id
         self.endpoint = endpoint_of(socket)
         local = self.endpoint.startswith(_LOCAL_PREFIXES)
@@ -195,7 +202,15 @@ class ResultStream:
     ) -> zmq.MessageTracker | None:
         """Send one chunk message; return its tracker when ``payload`` is the caller's memory."""
         self._check_open()
+        ref = None
+        if self._arena is not None and memoryview(payload).nbytes >= MIN_ARENA_PAYLOAD:
+            ref = self._arena.put(payload)
         self._guarded(self._socket.send, encode_message(header), zmq.SNDMORE)
+        if ref is not None:
+            # The arena contains a copy, so the caller's buffer is free at once.
+            self._guarded(self._socket.send, ARENA_MARKER, zmq.SNDMORE)
+            self._guarded(self._socket.send, ref)
+            return None
         if not zero_copy:
             self._guarded(self._socket.send, payload, copy=False)
             return None

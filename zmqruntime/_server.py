@@ -34,7 +34,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from ._compression import Compression, as_compression
+from ._arena import ARENA_HEADER_BYTES, ArenaPool, arenas_supported
+from ._compression import Compression, as_compression, release_gil_in_codecs
 from ._control import (
     ControlValueError,
     MessageType,
@@ -126,6 +127,8 @@ class ExecutionServer:
         """
         self._lock_file = EndpointLock(self.config.endpoint)
         self._lock_file.acquire_or_raise()
+        # Transfers compress for remote clients; control requests must not wait on that.
+        release_gil_in_codecs()
         self._control_context: zmq.Context[Any] = zmq.Context()
         self._context: zmq.Context[Any] = zmq.Context()
         try:
@@ -136,7 +139,8 @@ class ExecutionServer:
             self._lock_file.release(delete=True)
             raise
 
-        self._retention = RetentionStore(self.config.memory_limit, self.config.spill_dir)
+        pool = ArenaPool(self.config.memory_limit // 4) if arenas_supported() else None
+        self._retention = RetentionStore(self.config.memory_limit, self.config.spill_dir, pool)
         self._executor = self._executor_override or ProcessExecutor(
             self._on_executor_event,
             max_workers=self.config.max_workers,
@@ -301,9 +305,19 @@ class ExecutionServer:
             record = ExecutionRecord(exec_id, key)
             self._executions[exec_id] = record
             self._request_ids[key] = exec_id
-            self._retention.create(exec_id)
+            stream = self._retention.create(exec_id)
+            if self.config.shared_memory and arenas_supported():
+                stream.arena = self._retention.new_arena(exec_id)
 
-        job = Job(exec_id, pipeline, config, self._ingest_endpoint, self.config.chunk_bytes)
+        job = Job(
+            exec_id,
+            pipeline,
+            config,
+            self._ingest_endpoint,
+            self.config.chunk_bytes,
+            arena=None if stream.arena is None else stream.arena.locator,
+            arena_limit=self.config.memory_limit + ARENA_HEADER_BYTES,
+        )
         try:
             self._executor.submit(job)
         except ZmqRuntimeError:
@@ -377,6 +391,7 @@ class ExecutionServer:
             compression=None if compression is None else _as_compression(compression),
             on_done=self._transfer_done,
             nice=self.config.data_nice,
+            offer_arena=body.get("arena") is True,
         )
         with self._lock:
             self._transfers[transfer.transfer_id] = transfer
@@ -392,6 +407,7 @@ class ExecutionServer:
             "credit_endpoint": transfer.credit_endpoint,
             "transfer_id": transfer.transfer_id,
             "window_bytes": window,
+            "arena": stream.arena.locator if transfer.arena_offered and stream.arena else None,
         }
 
     def _handle_release(self, body: dict[str, Any], request_id: str) -> dict[str, Any]:
@@ -547,6 +563,7 @@ class ExecutionServer:
                     "outcome": transfer.outcome,
                     "max_in_flight": transfer.max_in_flight,
                     "window_bytes": transfer.window_bytes,
+                    "arena_chunks": transfer.arena_chunks,
                 }
             )
         self._last_activity = time.monotonic()

@@ -14,6 +14,13 @@ messages, not bytes, so it alone cannot give this bound.
 
 Credit messages are packed maps: ``{"v": 1, "credit": nbytes}`` and, after the
 stream end, ``{"v": 1, "done": True}``.
+
+Arena references: when the client asked for them and the stream has an arena,
+the transfer waits for the client's first credit message, ``{"v": 1, "arena":
+bool}``, saying whether it could open the arena. If it could, chunks whose
+payload is in the arena go as ``[header, ARENA_MARKER, ref]`` and the client
+reads the bytes itself; the window then counts the bytes it has yet to copy.
+With ``compression="auto"`` such chunks go raw, since no link carries them.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 
 import zmq
 
+from ._arena import ARENA_MARKER, pack_ref
 from ._compression import Compression
 from ._control import CONTROL_PROTOCOL_VERSION, pack_value, unpack_value
 from ._errors import HeaderDecodeError
@@ -35,7 +43,7 @@ from ._retention import Record, RetainedStream
 from ._sender import encode_chunk
 from ._wire import ChunkHeader, ResultDeclaration, decode_message, encode_message
 
-__all__ = ["Transfer", "pack_credit", "pack_done"]
+__all__ = ["Transfer", "pack_arena_reply", "pack_credit", "pack_done"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +60,11 @@ _transfer_ids = itertools.count(1)
 def pack_credit(nbytes: int) -> bytes:
     """Encode a credit for ``nbytes`` payload bytes the client has stored."""
     return pack_value({"v": CONTROL_PROTOCOL_VERSION, "credit": nbytes})
+
+
+def pack_arena_reply(opened: bool) -> bytes:
+    """Encode the client's reply to an arena offer: whether it opened the arena."""
+    return pack_value({"v": CONTROL_PROTOCOL_VERSION, "arena": opened})
 
 
 def pack_done() -> bytes:
@@ -84,6 +97,9 @@ class Transfer:
     nice:
         Nice increment of the transfer's thread, so control requests run
         first on a saturated machine (Linux only); 0 keeps the creator's.
+    offer_arena:
+        The client requested arena references. They are used only if the
+        stream has an arena and the client's first message reports that it opened it.
     """
 
     def __init__(
@@ -98,12 +114,14 @@ class Transfer:
         compression: Compression | None = None,
         on_done: Callable[[Transfer], None] | None = None,
         nice: int = 0,
+        offer_arena: bool = False,
     ) -> None:
         self.transfer_id = next(_transfer_ids)
         self.stream = stream
         self.window_bytes = max(1, window_bytes)
         self.timeout = timeout
         self.max_in_flight = 0
+        self.arena_chunks = 0
         self.outcome = "running"
         self._names = None if names is None else frozenset(names)
         self._compression = compression
@@ -112,6 +130,9 @@ class Transfer:
         self._itemsizes: dict[str, int] = {}
         self._in_flight = 0
         self._stop = threading.Event()
+        self.arena_offered = offer_arena and stream.arena is not None
+        # None until the client's first message replies to an offer.
+        self.arena_accepted: bool | None = None
 
         self._data = context.socket(zmq.PUSH)
         self._credits = context.socket(zmq.PULL)
@@ -138,6 +159,7 @@ class Transfer:
 
     def _run(self) -> None:
         lower_current_thread(self._nice)
+        self.stream.add_reader()
         try:
             self.outcome = self._stream_records()
             if self.outcome == "sent":
@@ -152,6 +174,8 @@ class Transfer:
         finally:
             self._data.close(linger=0)
             self._credits.close(linger=0)
+            # Only an acknowledged transfer is known to have no page in use.
+            self.stream.remove_reader(self.outcome == "completed")
             logger.debug(
                 "transfer %d of execution %s ended: %s",
                 self.transfer_id,
@@ -162,6 +186,8 @@ class Transfer:
                 self._on_done(self)
 
     def _stream_records(self) -> str:
+        if self.arena_offered and not self._await_arena_reply():
+            return "stopped" if self._stop.is_set() else "timed out"
         index = 0
         idle_since = time.monotonic()
         while not self._stop.is_set():
@@ -197,6 +223,15 @@ class Transfer:
         if self.stream.cut:
             return True  # a cancelled execution's chunks are not sent any more
 
+        if record.arena_offset >= 0 and self.arena_accepted and self._raw_over_arena():
+            ref = pack_ref(record.arena_offset, record.nbytes)
+            if not self._wait_for_window(record.nbytes):
+                return False
+            if not self._send_frames([header_frame, ARENA_MARKER, ref], record.nbytes):
+                return False
+            self.arena_chunks += 1
+            return True
+
         payload: Any = self.stream.read_payload(record)
         if self._compression is not None:
             assert isinstance(message, ChunkHeader)
@@ -208,6 +243,11 @@ class Transfer:
         if not self._wait_for_window(size):
             return False
         return self._send_frames([header_frame, payload], size)
+
+    def _raw_over_arena(self) -> bool:
+        # A client reading the arena moves no bytes over any link, so "auto"
+        # never pays there. An explicit codec was requested, so it is used.
+        return self._compression is None or self._compression.mode == "auto"
 
     def _wait_for_window(self, size: int) -> bool:
         deadline = time.monotonic() + self.timeout
@@ -243,6 +283,14 @@ class Transfer:
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
             return True
 
+    def _await_arena_reply(self) -> bool:
+        deadline = time.monotonic() + self.timeout
+        while self.arena_accepted is None:
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return False
+            self._read_credits(int(_TICK * 1000))
+        return True
+
     def _read_credits(self, timeout_ms: int) -> bool:
         """Apply every credit that arrives within ``timeout_ms``; True if the client is done."""
         done = False
@@ -263,6 +311,9 @@ class Transfer:
                 if isinstance(credit, int) and not isinstance(credit, bool):
                     self._in_flight = max(0, self._in_flight - credit)
                 done = done or message.get("done") is True
+                arena = message.get("arena")
+                if isinstance(arena, bool) and self.arena_accepted is None:
+                    self.arena_accepted = arena
 
     def _wait_done(self) -> bool:
         deadline = time.monotonic() + self.timeout

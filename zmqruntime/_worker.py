@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import zmq
 
+from ._arena import ArenaWriter
 from ._chunking import DEFAULT_CHUNK_BYTES
+from ._compression import release_gil_in_codecs
 from ._control import pack_value, unpack_value
 from ._errors import ExecutionCancelledError
 from ._pipeline import PipelineContext, load_config, load_pipeline
@@ -94,6 +96,8 @@ def run_worker(job_bytes: bytes, conn: Connection) -> None:
     """
     job = unpack_value(job_bytes)
     exec_id: str = job["exec_id"]
+    # The cancel listener must run while the sender compresses a chunk.
+    release_gil_in_codecs()
     report = _PipeReporter(conn)
     cancel_event = threading.Event()
     threading.Thread(
@@ -104,6 +108,7 @@ def run_worker(job_bytes: bytes, conn: Connection) -> None:
     socket = context.socket(zmq.PUSH)
     socket.setsockopt(zmq.SNDHWM, WORKER_SNDHWM)
     socket.connect(job["data_endpoint"])
+    arena = _open_arena(job)
     try:
         stream = ResultStream(
             socket,
@@ -111,6 +116,7 @@ def run_worker(job_bytes: bytes, conn: Connection) -> None:
             compression=job.get("compression"),
             chunk_bytes=job.get("chunk_bytes") or DEFAULT_CHUNK_BYTES,
             timeout=WORKER_SEND_TIMEOUT,
+            arena=arena,
         )
         report({"kind": "started"})
         ctx = PipelineContext(exec_id, stream, report, cancel_event)
@@ -121,7 +127,21 @@ def run_worker(job_bytes: bytes, conn: Connection) -> None:
         # "finished" is reported, so the server rarely waits for the stream end.
         socket.close(linger=WORKER_LINGER_MS)
         context.term()
+        if arena is not None:
+            arena.close()
     report({"kind": "finished", "status": status, "error": error})
+
+
+def _open_arena(job: dict[str, Any]) -> ArenaWriter | None:
+    locator = job.get("arena")
+    if not locator:
+        return None
+    try:
+        return ArenaWriter(locator, int(job.get("arena_limit") or 0))
+    except (OSError, KeyError, ValueError) as exc:
+        # The socket carries every payload instead; slower, never wrong.
+        logger.info("execution %s: cannot open its arena: %s", job["exec_id"], exc)
+        return None
 
 
 def _run_pipeline(ctx: PipelineContext, job: dict[str, Any]) -> tuple[str, dict[str, str] | None]:

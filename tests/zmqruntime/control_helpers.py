@@ -33,8 +33,9 @@ ENDLESS_PIPELINE = """
 import numpy as np
 
 def pipeline(ctx, config):
-    writer = ctx.declare("stream", (None, 64, 64), "uint8")
-    frame = np.zeros((1, 64, 64), np.uint8)
+    size = (config or {}).get("size", 64)
+    writer = ctx.declare("stream", (None, size, size), "uint8")
+    frame = np.zeros((1, size, size), np.uint8)
     for i in range(100_000):
         writer.append(frame)
         ctx.check_cancelled()
