@@ -487,20 +487,39 @@ class ExecutionClient:
                     yield event
                 return
             except ZmqTimeoutError:
-                if self._still_active(exec_id) or time.monotonic() - idle_since < idle_limit:
+                problem = self._fetch_problem(exec_id, idle_limit)
+                if problem is None:
                     continue
-                receiver.abort("no message arrived in time")
-                raise ZmqTimeoutError(
-                    f"results of execution {exec_id} from {self.endpoint}: no message for "
-                    f"{idle_limit} s after the execution ended"
-                ) from None
+                released = isinstance(problem, ExecutionNotFoundError)
+                if not released and time.monotonic() - idle_since < idle_limit:
+                    continue
+                receiver.abort(str(problem))
+                raise problem from None
 
-    def _still_active(self, exec_id: str) -> bool:
+    def _fetch_problem(self, exec_id: str, idle_limit: float) -> ZmqRuntimeError | None:
+        """Return why a silent fetch of ``exec_id`` gets no message, or None while it runs."""
         try:
-            status = self.get_status(exec_id, timeout=min(self.timeout, 5.0))
-        except (ZmqTimeoutError, TransportError):
-            return False
-        return not status.done
+            reply = self._request(
+                MessageType.STATUS, {"exec_id": exec_id}, timeout=min(self.timeout, 5.0)
+            )
+        except (ZmqTimeoutError, TransportError) as exc:
+            return ZmqTimeoutError(
+                f"results of execution {exec_id}: no message for {idle_limit} s, and the server "
+                f"at {self.endpoint} does not answer status requests ({exc}); it may have stopped"
+            )
+        except ExecutionNotFoundError as exc:
+            return exc
+        if reply.get("results_released"):
+            return ExecutionNotFoundError(
+                f"results of execution {exec_id} were released on {self.endpoint} during the "
+                "fetch; the chunks already written are kept, run the execution again for the rest"
+            )
+        if not ExecutionStatus.from_map(reply).done:
+            return None
+        return ZmqTimeoutError(
+            f"results of execution {exec_id} from {self.endpoint}: no message for "
+            f"{idle_limit} s after the execution ended"
+        )
 
 
 class _FetchSockets:

@@ -36,6 +36,7 @@ __all__ = [
     "make_reply",
     "make_request",
     "pack_value",
+    "peek_request_id",
     "unpack_value",
 ]
 
@@ -287,3 +288,13 @@ def make_reply(
     else:
         reply["error"] = {"type": type(error).__name__, "message": str(error)}
     return reply
+
+
+def peek_request_id(payload: bytes) -> str | None:
+    """Return the ``id`` of a request that failed to decode, if one can be read, for the reply."""
+    try:
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError):
+        return None
+    request_id = message.get("id") if isinstance(message, dict) else None
+    return request_id if isinstance(request_id, str) else None

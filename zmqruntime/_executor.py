@@ -67,6 +67,7 @@ class Job:
     compression: str | None = None
     arena: Mapping[str, Any] | None = None
     arena_limit: int = 0
+    await_stream_ack: bool = False
 
     def pack(self) -> bytes:
         """Encode the job as msgpack bytes for the worker (no pickling)."""
@@ -80,12 +81,25 @@ class Job:
                 "compression": self.compression,
                 "arena": None if self.arena is None else dict(self.arena),
                 "arena_limit": self.arena_limit,
+                "await_stream_ack": self.await_stream_ack,
             }
         )
 
 
 class Executor(abc.ABC):
     """Runs executions and reports their events; every method is thread safe."""
+
+    # Whether stream_received reaches the worker, so a worker may wait for it.
+    acknowledges_streams: bool = False
+
+    def stream_received(self, exec_id: str) -> None:
+        """Tell the worker of ``exec_id`` that the server received its whole stream.
+
+        A worker that waits for this exits only once nothing it sent can be
+        lost in transit. The default does nothing; such executors keep
+        ``acknowledges_streams`` False.
+        """
+        return
 
     @abc.abstractmethod
     def submit(self, job: Job) -> None:
@@ -206,6 +220,14 @@ class ProcessExecutor(Executor):
                 )
             self._queue.append(job)
         self._wake()
+
+    acknowledges_streams = True
+
+    def stream_received(self, exec_id: str) -> None:
+        with self._lock:
+            running = self._running.get(exec_id)
+        if running is not None:
+            self._send(running, {"kind": "stream_received"})
 
     def cancel(self, exec_id: str) -> bool:
         with self._lock:

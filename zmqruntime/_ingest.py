@@ -109,10 +109,13 @@ class Ingest:
 
         if isinstance(message, StreamEnd):
             with self._server.lock:
-                if self._server.execution(message.exec_id) is None or stream.cut:
-                    return  # cancelled: the server seals the stream itself
-                if stream.seal(header, by_worker=True):
+                # A cancelled stream is sealed by the server itself.
+                active = self._server.execution(message.exec_id) is not None and not stream.cut
+                if active and stream.seal(header, by_worker=True):
                     self._server.on_stream_end(message)
+            # Nothing follows a stream end, so the worker may exit whatever
+            # became of it. Outside the server's lock: the executor takes its own.
+            self._server.acknowledge_stream(message.exec_id)
             return
 
         # The append runs without the server's lock: a spilled payload is

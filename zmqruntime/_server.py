@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import zmq
 
 from ._arena import ARENA_HEADER_BYTES, ArenaPool, arenas_supported
@@ -42,6 +41,7 @@ from ._control import (
     decode_control,
     encode_control,
     make_reply,
+    peek_request_id,
 )
 from ._errors import ExecutionNotFoundError, ProtocolError, ZmqRuntimeError
 from ._execution import TERMINAL_STATES, ExecutionRecord, ServerConfig, crash_error
@@ -234,7 +234,7 @@ class ExecutionServer:
         self._control_context.term()
         self._context.term()
         if self._ipc_dir is not None:
-            _remove_dir(self._ipc_dir)
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
         self._lock_file.release(delete=True)
         logger.info("zmqruntime server pid %d on %s stopped", os.getpid(), self._endpoint)
 
@@ -275,7 +275,7 @@ class ExecutionServer:
             logger.warning("rejected a control message: %s", exc)
             # Without a readable id the reply carries an empty one: a REQ client
             # is unblocked, and the error describes what was wrong with its message.
-            return make_reply(_peek_request_id(payload) or "", error=exc)
+            return make_reply(peek_request_id(payload) or "", error=exc)
 
         request_id = message["id"]
         kind = MessageType(message["type"])
@@ -317,6 +317,7 @@ class ExecutionServer:
             self.config.chunk_bytes,
             arena=None if stream.arena is None else stream.arena.locator,
             arena_limit=self.config.memory_limit + ARENA_HEADER_BYTES,
+            await_stream_ack=self._executor.acknowledges_streams,
         )
         try:
             self._executor.submit(job)
@@ -497,6 +498,10 @@ class ExecutionServer:
             record.finished_at = time.time()
             self._set_state(record, end.status)
 
+    def acknowledge_stream(self, exec_id: str) -> None:
+        """Tell the worker of ``exec_id`` that its whole stream arrived, so it may exit."""
+        self._executor.stream_received(exec_id)
+
     def execution(self, exec_id: str) -> ExecutionRecord | None:
         """Return the record of ``exec_id`` (caller holds :attr:`lock`), or None."""
         return self._executions.get(exec_id)
@@ -610,21 +615,7 @@ class ExecutionServer:
             self._stop.set()
 
 
-def _peek_request_id(payload: bytes) -> str | None:
-    # Used only to address an error reply to a message that failed decoding.
-    try:
-        message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError):
-        return None
-    request_id = message.get("id") if isinstance(message, dict) else None
-    return request_id if isinstance(request_id, str) else None
-
-
 def _as_compression(value: Any) -> Compression:
     if not isinstance(value, str):
         raise TypeError(f"compression {value!r} is not a str; use 'blosc2', 'blosc1' or 'auto'")
     return as_compression(value)
-
-
-def _remove_dir(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)

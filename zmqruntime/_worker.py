@@ -50,6 +50,12 @@ WORKER_LINGER_MS = 60_000
 # this long.
 WORKER_SEND_TIMEOUT = 600.0
 
+# Seconds a worker waits, after its stream end, for the server to confirm that
+# it received the whole stream. libzmq (4.3.5 here, and libzmq issue #4660)
+# drops messages still unread on an ipc connection when the sending process
+# exits, whatever its linger, so the worker must outlive them.
+WORKER_ACK_TIMEOUT = 60.0
+
 # Seconds a worker whose server died gives its pipeline to stop on its own
 # before the process ends itself, and the exit code it ends with then.
 ORPHAN_GRACE = 2.0
@@ -69,7 +75,9 @@ class _PipeReporter:
             self._conn.send_bytes(data)
 
 
-def _listen_for_cancel(conn: Connection, cancel_event: threading.Event) -> None:
+def _listen_for_cancel(
+    conn: Connection, cancel_event: threading.Event, received_event: threading.Event
+) -> None:
     # The server closes its end only after this process exits, so a closed pipe
     # means the server died and the results can no longer be collected. Ask the
     # pipeline to stop, then end the process if it does not, because a send
@@ -82,8 +90,11 @@ def _listen_for_cancel(conn: Connection, cancel_event: threading.Event) -> None:
             time.sleep(ORPHAN_GRACE)
             logger.warning("the server is gone; worker pid %d exits", os.getpid())
             os._exit(_ORPHAN_EXIT_CODE)
-        if isinstance(message, dict) and message.get("kind") == "cancel":
+        kind = message.get("kind") if isinstance(message, dict) else None
+        if kind == "cancel":
             cancel_event.set()
+        elif kind == "stream_received":
+            received_event.set()
 
 
 def run_worker(job_bytes: bytes, conn: Connection) -> None:
@@ -100,8 +111,12 @@ def run_worker(job_bytes: bytes, conn: Connection) -> None:
     release_gil_in_codecs()
     report = _PipeReporter(conn)
     cancel_event = threading.Event()
+    received_event = threading.Event()
     threading.Thread(
-        target=_listen_for_cancel, args=(conn, cancel_event), name="cancel-listener", daemon=True
+        target=_listen_for_cancel,
+        args=(conn, cancel_event, received_event),
+        name="cancel-listener",
+        daemon=True,
     ).start()
 
     context = zmq.Context()
@@ -122,6 +137,14 @@ def run_worker(job_bytes: bytes, conn: Connection) -> None:
         ctx = PipelineContext(exec_id, stream, report, cancel_event)
         status, error = _run_pipeline(ctx, job)
         stream.close(status, error)
+        # A cancelled stream is discarded, so nothing is left to wait for.
+        awaits_ack = job.get("await_stream_ack") and status != "cancelled"
+        if awaits_ack and not received_event.wait(WORKER_ACK_TIMEOUT):
+            logger.warning(
+                "execution %s: the server did not confirm the stream within %.0f s",
+                exec_id,
+                WORKER_ACK_TIMEOUT,
+            )
     finally:
         # Closing with a linger hands queued chunks to the server before
         # "finished" is reported, so the server rarely waits for the stream end.

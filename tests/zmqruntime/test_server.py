@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 
+import blosc2
 import msgpack
 import numpy as np
 import psutil
@@ -18,6 +19,8 @@ from zmqruntime import (
     ExecutionNotFoundError,
     ExecutionState,
     RemoteError,
+    ServerConfig,
+    ZmqTimeoutError,
 )
 from zmqruntime._receiver import ChunkReceived
 
@@ -386,14 +389,7 @@ def test_server_list_has_progress_and_results() -> None:
 
 def test_server_killed_leaves_no_worker_behind(tmp_path: os.PathLike[str]) -> None:
     endpoint = f"ipc://{tmp_path}/killed.sock"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    # A killed server cannot remove its ipc directory, so it goes under tmp_path.
-    server = subprocess.Popen(
-        [sys.executable, "-m", "zmqruntime", "serve", "--endpoint", endpoint],
-        cwd=root,
-        env=dict(os.environ, TMPDIR=str(tmp_path)),
-        stderr=subprocess.DEVNULL,
-    )
+    server = _serve_in_subprocess(endpoint, tmp_path)
     try:
         with ExecutionClient(endpoint=endpoint, auto_spawn=False, timeout=10) as client:
             exec_id = client.execute(
@@ -437,3 +433,87 @@ def test_server_replies_to_undecodable_request() -> None:
     assert reply["ok"] is False
     assert reply["id"] == ""
     assert pong["pid"] == os.getpid()
+
+
+def test_server_start_lets_blosc2_release_gil() -> None:
+    blosc2.set_releasegil(False)
+    with running_server():
+        previous = blosc2.set_releasegil(True)
+    assert previous is True
+
+
+def test_server_default_memory_limit_is_share_of_ram() -> None:
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = ServerConfig().memory_limit
+    assert limit == max(512 << 20, int(physical * 0.3))
+
+
+def test_server_ipc_keeps_stream_of_exited_worker(tmp_path: os.PathLike[str]) -> None:
+    # libzmq drops messages still unread on an ipc connection once the sending
+    # process exits (libzmq issue #4660), so a worker must wait until the
+    # server has its stream.
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    with (
+        running_server(endpoint=endpoint, ingest_hwm=1) as server,
+        connected_client(server) as client,
+    ):
+        exec_ids = [client.execute(FRAMES_PIPELINE, {"n": 400, "size": 8}) for _ in range(3)]
+        statuses = [client.wait(exec_id, timeout=60) for exec_id in exec_ids]
+        stacks = [client.get_results(exec_id)["stack"] for exec_id in exec_ids]
+    assert [status.state for status in statuses] == [ExecutionState.COMPLETED] * 3
+    for stack in stacks:
+        np.testing.assert_array_equal(stack[:, 0, 0], np.arange(400, dtype=np.uint16))
+
+
+def test_client_fetch_of_released_results_raises() -> None:
+    pipeline = """
+import numpy as np
+
+def pipeline(ctx, config):
+    writer = ctx.declare("stack", (40, 512, 512), "uint16")
+    for i in range(40):
+        writer.write(i, np.full((1, 512, 512), i, np.uint16))
+"""
+    with running_server() as server, connected_client(server, timeout=30) as client:
+        exec_id = client.execute(pipeline)
+        client.wait(exec_id, timeout=30)
+        events = client.iter_results(exec_id, window_bytes=512 * 1024)
+        next(events)
+        next(events)
+        client.release(exec_id)
+        started = time.monotonic()
+        with pytest.raises(ExecutionNotFoundError, match="released"):
+            for _ in events:
+                pass
+        waited = time.monotonic() - started
+    assert waited < 10
+
+
+def test_client_fetch_from_killed_server_names_it(tmp_path: os.PathLike[str]) -> None:
+    endpoint = f"ipc://{tmp_path}/killed-fetch.sock"
+    server = _serve_in_subprocess(endpoint, tmp_path)
+    try:
+        with ExecutionClient(endpoint=endpoint, auto_spawn=False, timeout=3) as client:
+            exec_id = client.execute(ENDLESS_PIPELINE)
+            events = client.iter_results(exec_id)
+            next(events)
+            server.kill()
+            server.wait(timeout=10)
+            with pytest.raises(ZmqTimeoutError, match="does not answer status requests"):
+                for _ in events:
+                    pass
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def _serve_in_subprocess(endpoint: str, tmp_path: os.PathLike[str]) -> subprocess.Popen[bytes]:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # A killed server cannot remove its ipc directory, so it goes under tmp_path.
+    return subprocess.Popen(
+        [sys.executable, "-m", "zmqruntime", "serve", "--endpoint", endpoint],
+        cwd=root,
+        env=dict(os.environ, TMPDIR=str(tmp_path)),
+        stderr=subprocess.DEVNULL,
+    )
