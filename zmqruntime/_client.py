@@ -375,6 +375,8 @@ class ExecutionClient:
             Seconds without a message once the execution has ended (or the
             server stops answering) before :class:`ZmqTimeoutError`; None uses
             the client's timeout. While the execution runs the fetch waits.
+            Telling a stopped server from a slow one takes one status request
+            more, up to 5 s past this timeout.
         window_bytes:
             Flow-control window: payload bytes in flight. None: the server's default.
         compression:
@@ -534,6 +536,7 @@ class _FetchSockets:
         self._credits.setsockopt(zmq.LINGER, 0)
         self._credits.connect(reply["credit_endpoint"])
         self.arena: ArenaReader | None = None
+        self._unsent_credit = 0
 
         locator = reply.get("arena")
         if locator:
@@ -545,10 +548,18 @@ class _FetchSockets:
             self._credits.send(pack_arena_reply(self.arena is not None))
 
     def credit(self, nbytes: int) -> None:
-        self._credits.send(pack_credit(nbytes))
+        # Never blocks: credits the socket cannot take now are added to the next.
+        self._unsent_credit += nbytes
+        try:
+            self._credits.send(pack_credit(self._unsent_credit), zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        self._unsent_credit = 0
 
     def done(self) -> None:
         # A short linger so the acknowledgement leaves before the socket closes.
+        if self._unsent_credit:
+            self._credits.send(pack_credit(self._unsent_credit))
         self._credits.send(pack_done())
         self._credits.close(linger=1000)
 

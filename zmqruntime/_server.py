@@ -363,11 +363,12 @@ class ExecutionServer:
         # A queued execution is dropped at once, so it may already be cancelled.
         with self._lock:
             state = record.state
+        done = "was cancelled" if state == "cancelled" else "is being cancelled"
         return {
             "accepted": True,
             "state": state,
             "chunks_done": chunks_done,
-            "message": f"execution {record.exec_id} is being cancelled",
+            "message": f"execution {record.exec_id} {done}",
         }
 
     def _handle_results(self, body: dict[str, Any], request_id: str) -> dict[str, Any]:

@@ -129,6 +129,7 @@ class Transfer:
         self._nice = nice
         self._itemsizes: dict[str, int] = {}
         self._in_flight = 0
+        self._client_done = False
         self._stop = threading.Event()
         self.arena_offered = offer_arena and stream.arena is not None
         # None until the client's first message replies to an offer.
@@ -200,6 +201,10 @@ class Transfer:
 
             if not self._send_record(record):
                 return "stopped" if self._stop.is_set() else "timed out"
+            # Credits are read after every send, not only when the window is
+            # full: unread, a long stream of small chunks fills the credit
+            # socket's queues and blocks the client.
+            self._read_credits(0)
             index += 1
             idle_since = time.monotonic()
             with self.stream.cond:
@@ -292,15 +297,14 @@ class Transfer:
         return True
 
     def _read_credits(self, timeout_ms: int) -> bool:
-        """Apply every credit that arrives within ``timeout_ms``; True if the client is done."""
-        done = False
+        """Apply every credit that arrives within ``timeout_ms``; True once the client is done."""
         if not self._credits.poll(timeout_ms, zmq.POLLIN):
-            return False
+            return self._client_done
         while True:
             try:
                 frame = self._credits.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return done
+                return self._client_done
             try:
                 message = unpack_value(frame)
             except HeaderDecodeError as exc:
@@ -310,7 +314,7 @@ class Transfer:
                 credit = message.get("credit")
                 if isinstance(credit, int) and not isinstance(credit, bool):
                     self._in_flight = max(0, self._in_flight - credit)
-                done = done or message.get("done") is True
+                self._client_done = self._client_done or message.get("done") is True
                 arena = message.get("arena")
                 if isinstance(arena, bool) and self.arena_accepted is None:
                     self.arena_accepted = arena

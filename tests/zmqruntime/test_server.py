@@ -517,3 +517,17 @@ def _serve_in_subprocess(endpoint: str, tmp_path: os.PathLike[str]) -> subproces
         env=dict(os.environ, TMPDIR=str(tmp_path)),
         stderr=subprocess.DEVNULL,
     )
+
+
+def test_server_ipc_fetch_of_many_small_chunks(tmp_path: os.PathLike[str]) -> None:
+    # Thousands of credits, each far smaller than the window, must not fill the
+    # credit socket's queues: an ipc connection buffers little in the kernel.
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    with (
+        running_server(endpoint=endpoint) as server,
+        connected_client(server, timeout=30) as client,
+    ):
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 3000, "size": 4})
+        client.wait(exec_id, timeout=60)
+        stack = client.get_results(exec_id)["stack"]
+    np.testing.assert_array_equal(stack[:, 0, 0], np.arange(3000, dtype=np.uint16))
