@@ -235,7 +235,7 @@ data is uniform over the uint16 range. GB/s means 1e9 bytes per second of raw ar
   sink, so the fetch set-up, both hops (worker to server, server to client) and the sink
   writes count. "lz4" is `compression="blosc2"` (lz4, level 1, byte shuffle), and "auto" lets
   the server decide. By default the payloads pass through the server's shared-memory arena,
-  since all processes run on one host; rows ending in "/sockets" turn the arenas off on both
+  since all processes run on one host. Rows ending in "/sockets" turn the arenas off on both
   ends, so every byte crosses both sockets, as it does for a client on another host.
 - Client RssAnon growth: peak anonymous resident memory of the benchmark process above its value
   before the round (the memory sink's array counts; file-backed memmap pages do not). Server
