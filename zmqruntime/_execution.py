@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._control import pack_value
+
 __all__ = [
     "TERMINAL_STATES",
     "ExecutionRecord",
+    "RequestIds",
     "ServerConfig",
     "crash_error",
     "default_memory_limit",
@@ -195,3 +199,45 @@ def crash_error(exitcode: int | None) -> dict[str, str]:
     else:
         message = f"worker process exited with code {exitcode} before reporting an outcome"
     return {"type": "WorkerCrashed", "message": message, "traceback": ""}
+
+
+class RequestIds:
+    """The execution each client request id started, so a retried execute runs once.
+
+    Not thread safe: the server calls it under its lock.
+    """
+
+    def __init__(self) -> None:
+        # Request id -> (execution id, digest of the pipeline and config it ran).
+        self._started: dict[str, tuple[str, bytes]] = {}
+
+    def lookup(self, request_id: str, pipeline: str, config: Any) -> str | None:
+        """Return the execution ``request_id`` started, or None if it started none.
+
+        Raises
+        ------
+        ValueError
+            ``request_id`` started an execution of another pipeline or config.
+        """
+        started = self._started.get(request_id)
+        if started is None:
+            return None
+        if started[1] != _digest(pipeline, config):
+            raise ValueError(
+                f"request_id {request_id!r} was already used for execution {started[0]} with "
+                "another pipeline or config; pass a new request_id"
+            )
+        return started[0]
+
+    def add(self, request_id: str, exec_id: str, pipeline: str, config: Any) -> None:
+        """Record that ``request_id`` started ``exec_id``."""
+        self._started[request_id] = (exec_id, _digest(pipeline, config))
+
+    def discard(self, request_id: str) -> None:
+        """Forget ``request_id``; nothing happens if it is unknown."""
+        self._started.pop(request_id, None)
+
+
+def _digest(pipeline: str, config: Any) -> bytes:
+    # msgpack of the decoded request: a retry sends the same bytes, so the same digest.
+    return hashlib.sha256(pack_value([pipeline, config])).digest()

@@ -21,6 +21,7 @@ ingest thread writes spilled payloads to disk without holding it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import secrets
@@ -44,7 +45,7 @@ from ._control import (
     peek_request_id,
 )
 from ._errors import ExecutionNotFoundError, ProtocolError, ZmqRuntimeError
-from ._execution import TERMINAL_STATES, ExecutionRecord, ServerConfig, crash_error
+from ._execution import TERMINAL_STATES, ExecutionRecord, RequestIds, ServerConfig, crash_error
 from ._executor import Executor, Job, ProcessExecutor
 from ._ingest import Ingest
 from ._priority import lower_new_zmq_threads, zmq_thread_ids
@@ -88,7 +89,7 @@ class ExecutionServer:
         self.config = config or ServerConfig()
         self._lock = threading.RLock()
         self._executions: dict[str, ExecutionRecord] = {}
-        self._request_ids: dict[str, str] = {}
+        self._request_ids = RequestIds()
         self._transfers: dict[int, Transfer] = {}
         # Outcomes of the last transfers, for tests and benchmarks.
         self.transfer_stats: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
@@ -233,10 +234,18 @@ class ExecutionServer:
         self._router.close(linger=0)
         self._control_context.term()
         self._context.term()
+        self._remove_control_socket_file()
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
         self._lock_file.release(delete=True)
         logger.info("zmqruntime server pid %d on %s stopped", os.getpid(), self._endpoint)
+
+    def _remove_control_socket_file(self) -> None:
+        # libzmq 4.3.5 leaves the file of a bound ipc endpoint behind. The
+        # endpoint lock is still held, so no other server can have bound it since.
+        if self._endpoint.startswith("ipc://") and not self._endpoint.startswith("ipc://@"):
+            with contextlib.suppress(OSError):
+                os.unlink(self._endpoint[len("ipc://") :])
 
     def _mark_unfinished_cancelled(self) -> None:
         """Record that stopping the server cancels what still runs, so it ends cancelled."""
@@ -298,13 +307,13 @@ class ExecutionServer:
             raise TypeError(f"execute: config is {type(config).__name__}, expected str or map")
 
         with self._lock:
-            existing = self._request_ids.get(key)
+            existing = self._request_ids.lookup(key, pipeline, config)
             if existing is not None:
                 return {"exec_id": existing, "duplicate": True}
             exec_id = secrets.token_hex(8)
             record = ExecutionRecord(exec_id, key)
             self._executions[exec_id] = record
-            self._request_ids[key] = exec_id
+            self._request_ids.add(key, exec_id, pipeline, config)
             stream = self._retention.create(exec_id)
             if self.config.shared_memory and arenas_supported():
                 stream.arena = self._retention.new_arena(exec_id)
@@ -597,7 +606,7 @@ class ExecutionServer:
     def _forget(self, exec_id: str) -> None:
         record = self._executions.pop(exec_id, None)
         if record is not None:
-            self._request_ids.pop(record.request_id, None)
+            self._request_ids.discard(record.request_id)
         self._retention.release(exec_id, background=True)
 
     def _check_idle(self) -> None:

@@ -51,7 +51,7 @@ WORKER_LINGER_MS = 60_000
 WORKER_SEND_TIMEOUT = 600.0
 
 # Seconds a worker waits, after its stream end, for the server to confirm that
-# it received the whole stream. libzmq (4.3.5 here, and libzmq issue #4660)
+# it received the whole stream. libzmq (4.3.5 here; libzmq GitHub issue 4660)
 # drops messages still unread on an ipc connection when the sending process
 # exits, whatever its linger, so the worker must outlive them.
 WORKER_ACK_TIMEOUT = 60.0

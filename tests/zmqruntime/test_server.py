@@ -244,6 +244,16 @@ def test_server_execute_idempotent_request_id() -> None:
     assert len(listed) == 1
 
 
+def test_server_request_id_reused_for_other_config_raises() -> None:
+    with running_server() as server, connected_client(server) as client:
+        client.execute(FRAMES_PIPELINE, {"n": 1}, request_id="req-2")
+        with pytest.raises(ValueError, match="request_id 'req-2' was already used") as caught:
+            client.execute(FRAMES_PIPELINE, {"n": 2}, request_id="req-2")
+        listed = client.list_executions()
+    assert "pass a new request_id" in str(caught.value)
+    assert len(listed) == 1
+
+
 def test_server_refetch_after_client_dies_midstream() -> None:
     with running_server() as server, connected_client(server) as client:
         exec_id = client.execute(FRAMES_PIPELINE, {"n": 8, "size": 64})
@@ -450,7 +460,7 @@ def test_server_default_memory_limit_is_share_of_ram() -> None:
 
 def test_server_ipc_keeps_stream_of_exited_worker(tmp_path: os.PathLike[str]) -> None:
     # libzmq drops messages still unread on an ipc connection once the sending
-    # process exits (libzmq issue #4660), so a worker must wait until the
+    # process exits (libzmq GitHub issue 4660), so a worker must wait until the
     # server has its stream.
     endpoint = f"ipc://{tmp_path}/control.sock"
     with (
@@ -531,3 +541,12 @@ def test_server_ipc_fetch_of_many_small_chunks(tmp_path: os.PathLike[str]) -> No
         client.wait(exec_id, timeout=60)
         stack = client.get_results(exec_id)["stack"]
     np.testing.assert_array_equal(stack[:, 0, 0], np.arange(3000, dtype=np.uint16))
+
+
+def test_server_stop_removes_ipc_socket_file(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "control.sock")
+    with running_server(endpoint=f"ipc://{path}") as server, connected_client(server) as client:
+        client.ping()
+        existed = os.path.exists(path)
+    assert existed
+    assert not os.path.exists(path)
