@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 180.0
 SERVER_START_TIMEOUT_S = 30.0
+# Seconds a benchmark server waits without work before it exits. Longer than
+# any stretch of a profile during which one server's configurations are unused.
+SERVER_IDLE_TIMEOUT_S = 900
 # Pause between two status requests of the poller: frequent enough for a
 # p99 over a 1 GiB stream, sparse enough not to take a core from the stream.
 STATUS_INTERVAL_S = 0.005
@@ -132,7 +135,9 @@ def _start_server(transport: str, server_args: Sequence[str]) -> ServerProcess:
         # The port may be taken between this probe and the server's bind, so callers retry.
         endpoint = f"tcp://127.0.0.1:{_free_tcp_port()}"
     command = [sys.executable, "-m", "zmqruntime", "serve", "--endpoint", endpoint]
-    command += ["--workers", "1", "--log-level", "INFO", "--spill-dir", str(workdir), *server_args]
+    # The idle timeout ends a server whose benchmark process died without stopping it.
+    command += ["--workers", "1", "--log-level", "INFO", "--spill-dir", str(workdir)]
+    command += ["--idle-timeout", str(SERVER_IDLE_TIMEOUT_S), *server_args]
 
     with open(workdir / "server.log", "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -225,14 +225,15 @@ class TestDask:
 def servers() -> Iterator[dict[str, ServerProcess]]:
     """Server subprocesses by ``EndToEnd.server_key``, started on first use, stopped at the end."""
     with contextlib.ExitStack() as stack:
-        started: dict[str, ServerProcess] = {}
 
         class _Lazy(dict[str, ServerProcess]):
             def __missing__(self, key: str) -> ServerProcess:
+                # Stored in the dict itself, so each key starts one server for
+                # the whole module rather than one per test.
                 transport, _, sockets = key.partition("-")
                 args = ["--no-shared-memory"] if sockets else []
-                started[key] = stack.enter_context(running_server(transport, args))
-                return started[key]
+                self[key] = stack.enter_context(running_server(transport, args))
+                return self[key]
 
         yield _Lazy()
 

@@ -137,7 +137,7 @@ class RetainedStream:
             if not is_chunk:
                 self._add(Record(header, False))
                 return True
-            nbytes = len(payload) if payload is not None else arena_span[1]  # type: ignore[index]
+            nbytes = arena_span[1] if arena_span is not None else len(payload or b"")
             if self._store.reserve_memory(nbytes):
                 self.memory_bytes += nbytes
                 if arena_span is not None:
@@ -155,7 +155,7 @@ class RetainedStream:
                 assert arena is not None
                 arena.spill(fd, offset, *arena_span)
             else:
-                written = os.pwrite(fd, payload, offset)  # type: ignore[arg-type]
+                written = os.pwrite(fd, payload or b"", offset)
                 if written != nbytes:
                     raise OSError(
                         f"short write to spill file {self._spill_path}: {written} of {nbytes}"
