@@ -146,7 +146,7 @@ def rss_anon_bytes(pid: int | None = None) -> int:
 
 
 def arena_bytes(pid: int) -> int:
-    """Return the memory of the shared-memory arenas process ``pid`` holds open, in bytes.
+    """Return the memory of the shared-memory arenas that process ``pid`` has open, in bytes.
 
     Arena pages belong to no process's RssAnon (workers write them with
     ``pwrite``, readers map them briefly), so memory figures add them here.

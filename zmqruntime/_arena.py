@@ -11,8 +11,8 @@ before, sent from the arena without a copy.
 Reaching an arena
 -----------------
 Other processes open the server's descriptor as ``/proc/<pid>/fd/<fd>``, which
-Linux allows only to processes of the same user. The first page holds a random
-token; a process that opens the path checks it, so a client on another host
+Linux allows only to processes of the same user. The first page contains a
+random token, and a process that opens the path checks it, so a client on another host
 that happens to find a process with the same pid and descriptor never reads the
 wrong memory. The arena has no name in any file system, so nothing is left
 behind when every process holding it ends, killed or not.
@@ -191,7 +191,7 @@ class Arena:
 class ArenaPool:
     """Arenas of released results, kept so the next execution writes into allocated pages.
 
-    Writing into pages that a file already holds skips the kernel's
+    Writing into pages that a file already has skips the kernel's
     allocation and zeroing of each page, which costs as much as the copy
     itself. The pool keeps at most ``max_bytes`` of arenas and closes each one
     that stays unused for ``idle_seconds``.

@@ -183,10 +183,10 @@ def test_client_without_shared_memory_gets_payloads_over_socket(tmp_path: Path) 
     assert stats["arena_chunks"] == 0
 
 
-def test_server_without_shared_memory_sends_over_socket() -> None:
+def test_server_without_shared_memory_sends_over_socket(tmp_path: Path) -> None:
     with running_server(shared_memory=False) as server, connected_client(server) as client:
         exec_id = client.execute(BIG_FRAMES_PIPELINE, {"n": 4})
-        stack = client.get_results(exec_id, "zarr")["stack"][:]
+        stack = client.get_results(exec_id, tmp_path / "out.zarr")["stack"][:]
         stats = _last_transfer(server)
     np.testing.assert_array_equal(stack, _expected_stack(4))
     assert stats["arena_chunks"] == 0
