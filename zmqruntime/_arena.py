@@ -14,8 +14,8 @@ Other processes open the server's descriptor as ``/proc/<pid>/fd/<fd>``, which
 Linux allows only to processes of the same user. The first page contains a
 random token, and a process that opens the path checks it, so a client on another host
 that happens to find a process with the same pid and descriptor never reads the
-wrong memory. The arena has no name in any file system, so nothing is left
-behind when every process holding it ends, killed or not.
+wrong memory. The arena has no name in any file system, so the kernel frees
+it once the last process that has it open ends, killed or not.
 
 A reference frame is ``struct.pack("<QQ", offset, nbytes)``. It follows the
 frame :data:`ARENA_MARKER` in a chunk message: ``[header, ARENA_MARKER, ref]``.

@@ -54,9 +54,9 @@ def _expected_stack(n: int) -> np.ndarray[Any, Any]:
 
 @pytest.fixture
 def arena() -> Any:
-    made = Arena("0123456789abcdef")
-    yield made
-    made.close()
+    created = Arena("0123456789abcdef")
+    yield created
+    created.close()
 
 
 def _payload(nbytes: int, seed: int = 0) -> bytes:
@@ -266,9 +266,9 @@ def test_arena_pool_trim_closes_idle_arenas() -> None:
     arena = pool.take("e1")
     pool.give(arena)
     pool.trim(now=time.monotonic() + 5)
-    kept = pool.pooled_bytes
+    pooled_before_trim = pool.pooled_bytes
     pool.trim(now=time.monotonic() + 20)
-    assert kept > 0
+    assert pooled_before_trim > 0
     assert pool._idle == []
     with pytest.raises(KeyError):
         arena.view(ARENA_HEADER_BYTES, 1)
