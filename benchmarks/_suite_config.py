@@ -33,6 +33,12 @@ class EndToEnd:
     --no-shared-memory``, ``ExecutionClient(shared_memory=False)``), so every
     byte crosses both sockets, as it does when the client is on another host.
 
+    ``preallocated`` (memory sink only) receives into one array that was
+    allocated and touched before the first round and is reused by every round,
+    through ``MemorySink(out=...)``. The transport baseline receives the same
+    way, so this row compares the engine with the transport on equal terms,
+    without the cost of faulting in new memory.
+
     NOTE: ``get_results`` takes only a mode string, so zstd cannot be
     requested end to end. zstd is measured only in the engine-level link rows.
     """
@@ -42,11 +48,17 @@ class EndToEnd:
     transport: str
     data: str
     sockets: bool = False
+    preallocated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preallocated and self.sink != "memory":
+            raise ValueError(f"preallocated needs the memory sink, not sink {self.sink!r}")
 
     @property
     def label(self) -> str:
         codec = {"blosc2": "lz4", "blosc1": "lz4-blosc1"}.get(self.compression, self.compression)
-        label = f"{self.sink}/{codec}/{self.transport}/{self.data}"
+        sink = "memory-out" if self.preallocated else self.sink
+        label = f"{sink}/{codec}/{self.transport}/{self.data}"
         return f"{label}/sockets" if self.sockets else label
 
     @property
@@ -84,6 +96,7 @@ def _quick_configs() -> tuple[EndToEnd, ...]:
         EndToEnd("memory", "none", "tcp", micro),
         EndToEnd("memory", "none", "tcp", micro, sockets=True),
         EndToEnd("memory", "none", "ipc", micro),
+        EndToEnd("memory", "none", "tcp", micro, preallocated=True),
         EndToEnd("memory", "blosc2", "tcp", micro),
         EndToEnd("memory", "auto", "tcp", micro),
         EndToEnd("memory", "auto", "ipc", micro),
@@ -101,6 +114,9 @@ def _full_configs() -> tuple[EndToEnd, ...]:
     # The zarr sink stores blosc1 chunks as they arrive, without decompressing.
     configs.append(EndToEnd("zarr", "blosc1", "tcp", "microscopy"))
     configs += [EndToEnd(sink, "none", "tcp", "microscopy", sockets=True) for sink in sinks]
+    configs += [
+        EndToEnd("memory", "none", t, "microscopy", preallocated=True) for t in ("tcp", "ipc")
+    ]
     return tuple(configs)
 
 
@@ -125,6 +141,7 @@ def load_profile(name: str | None = None) -> Profile:
     if name == "smoke":
         configs = (
             EndToEnd("memory", "none", "tcp", "microscopy"),
+            EndToEnd("memory", "none", "ipc", "microscopy", preallocated=True),
             EndToEnd("memmap", "auto", "ipc", "microscopy"),
             EndToEnd("zarr", "blosc2", "tcp", "random"),
         )

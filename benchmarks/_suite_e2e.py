@@ -196,8 +196,17 @@ def _stop_server(server: ServerProcess) -> None:
     shutil.rmtree(server.workdir, ignore_errors=True)
 
 
-def make_sink_for(config: EndToEnd, directory: Path, tag: str) -> Callable[[Any], Sink]:
-    """Return ``spec -> Sink`` for ``config``'s sink, writing files under ``directory``."""
+def make_sink_for(
+    config: EndToEnd, directory: Path, tag: str, out: np.ndarray | None = None
+) -> Callable[[Any], Sink]:
+    """Return ``spec -> Sink`` for ``config``'s sink, writing files under ``directory``.
+
+    ``out`` is the array a preallocated configuration receives into.
+    """
+    if config.preallocated:
+        if out is None:
+            raise ValueError(f"configuration {config.label} needs an out array")
+        return lambda spec: MemorySink(out=out)
     if config.sink == "memory":
         return lambda spec: MemorySink()
     if config.sink == "memmap":
@@ -315,11 +324,16 @@ def _wait_ready(client: ExecutionClient, exec_id: str, ready: Path) -> None:
 
 
 def _fetch(
-    server: ServerProcess, client: ExecutionClient, config: EndToEnd, exec_id: str, tag: str
+    server: ServerProcess,
+    client: ExecutionClient,
+    config: EndToEnd,
+    exec_id: str,
+    tag: str,
+    out: np.ndarray | None,
 ) -> EndToEndRound:
     # The pipeline waits on the FIFO ``<tag>.go``; writing to it starts the clock.
     compression = None if config.compression == "none" else config.compression
-    sink_for = make_sink_for(config, server.workdir, tag)
+    sink_for = make_sink_for(config, server.workdir, tag, out)
     raw = wire = 0
 
     with RssSampler() as client_rss, TreeRssSampler(server) as server_rss:
@@ -343,8 +357,12 @@ def run_round(
     config: EndToEnd,
     nbytes: int,
     tag: str,
+    out: np.ndarray | None = None,
 ) -> EndToEndRound:
     """Execute the benchmark pipeline once and fetch its array into ``config``'s sink.
+
+    ``out`` is the array a preallocated configuration receives into; the
+    caller allocates it once, so that no round pays for its first touch.
 
     Raises
     ------
@@ -362,7 +380,7 @@ def run_round(
         _wait_ready(client, exec_id, ready)
         poller.start(exec_id)
         try:
-            result = _fetch(server, client, config, exec_id, tag)
+            result = _fetch(server, client, config, exec_id, tag, out)
         finally:
             result_status = poller.stop()
     finally:

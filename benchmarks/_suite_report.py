@@ -237,6 +237,10 @@ data is uniform over the uint16 range. GB/s means 1e9 bytes per second of raw ar
   the server decide. By default the payloads pass through the server's shared-memory arena,
   since all processes run on one host. Rows ending in "/sockets" turn the arenas off on both
   ends, so every byte crosses both sockets, as it does for a client on another host.
+- Sink "memory-out": the memory sink fills one array through `MemorySink(out=...)`. The array is
+  allocated and touched before the first round and reused by every round, as the transport
+  baseline's is, so the row shows the engine's own cost. The targets use the "memory" rows,
+  which allocate a new array in every round and so pay for faulting its pages in.
 - Client RssAnon growth: peak anonymous resident memory of the benchmark process above its value
   before the round (the memory sink's array counts; file-backed memmap pages do not). Server
   memory peak: RssAnon of the server process and its worker, summed, including the worker's

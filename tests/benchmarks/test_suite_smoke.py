@@ -37,6 +37,7 @@ def test_benchmark_suite_smoke_profile(tmp_path: Path) -> None:
     report = (tmp_path / "benchmarks.md").read_text()
     assert "## zmqruntime end to end" in report, report[:2000]
     assert "| memory/none/tcp/microscopy | 16 MiB |" in report, report
+    assert "| memory-out/none/ipc/microscopy | 16 MiB |" in report, report
     assert "Dask gather direct" in report, report
     assert "| tcp | 16 MiB |" in report, report
     assert (tmp_path / "benchmarks.png").stat().st_size > 0
@@ -135,3 +136,27 @@ def test_crossover_from_link_rows() -> None:
     assert lines["lz4"].startswith("about 4.8 Gbit/s"), lines["lz4"]
     assert "at 1 Gbit/s it wins" in lines["lz4"], lines["lz4"]
     assert lines["zstd"].startswith("never"), lines["zstd"]
+
+
+def test_preallocated_configuration_needs_memory_sink() -> None:
+    from benchmarks._suite_config import EndToEnd
+
+    with pytest.raises(ValueError, match="'zarr'"):
+        EndToEnd("zarr", "none", "tcp", "microscopy", preallocated=True)
+
+
+def test_preallocated_row_is_a_reference_not_a_target(tmp_path: Path) -> None:
+    from benchmarks._suite_config import EndToEnd, load_profile
+    from benchmarks._suite_report import Figure, Results
+    from benchmarks._suite_targets import evaluate_targets
+
+    results = Results(dataclasses.replace(load_profile("smoke"), output_dir=tmp_path))
+    label = EndToEnd("memory", "none", "tcp", "microscopy", preallocated=True).label
+    results.add(Figure(f"zmqruntime {label}", "e2e", 1 << 30, 3.0))
+    results.add(Figure("pyzmq PUSH/PULL tcp", "peer", 1 << 30, 2.0))
+
+    verdicts = [v for v in evaluate_targets(results) if "memory-out" in v.target]
+
+    assert [(v.measured, v.outcome) for v in verdicts] == [
+        ("1.50x (3.000 / 2.000 GB/s)", "reference")
+    ]
