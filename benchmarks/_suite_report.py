@@ -240,7 +240,11 @@ data is uniform over the uint16 range. GB/s means 1e9 bytes per second of raw ar
 - Sink "memory-out": the memory sink fills one array through `MemorySink(out=...)`. The array is
   allocated and touched before the first round and reused by every round, as the transport
   baseline's is, so the row shows the engine's own cost. The targets use the "memory" rows,
-  which allocate a new array in every round and so pay for faulting its pages in.
+  which allocate a new array in every round and so pay for faulting its pages in. The Targets
+  table lists the "memory-out" ratio to the transport limit with the result "reference": it
+  explains a target and is not one. Its ratio to Dask is not like for like, since Dask's
+  gather allocates a new array in every round. `python -m benchmarks.first_touch` measures
+  how fast new memory faults in.
 - Client RssAnon growth: peak anonymous resident memory of the benchmark process above its value
   before the round (the memory sink's array counts; file-backed memmap pages do not). Server
   memory peak: RssAnon of the server process and its worker, summed, including the worker's

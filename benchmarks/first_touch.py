@@ -1,12 +1,12 @@
 """Fault-in rate of new memory, by page size and by how long the memory lay free.
 
-Run: ``python -m benchmarks.first_touch`` (Linux 5.14 or later, about 1 minute).
+Run: ``python -m benchmarks.first_touch`` (Linux 5.14 or later, about 30 s).
 
 Each step maps 1 GiB of anonymous memory, faults all of it in with
 ``madvise(MADV_POPULATE_WRITE)`` and unmaps it, then waits before the next
 step. It prints GB/s for 4 KiB pages and for transparent huge pages after each
 pause. On a virtual machine whose balloon device reports free pages to the
-host, memory that lay free for more than about 2 s has been handed back, and
+host, memory that lay free for more than 1 to 3 s has been handed back, and
 the host must supply it again on the next touch. This is why a receiver's
 first write to a new result array costs more there than on bare metal.
 """

@@ -11,9 +11,9 @@ per step that runs without the GIL. With it the same stream ran at 2.4 GB/s.
 Transparent huge pages are turned off for these mappings. The test machine is
 a virtual machine whose balloon device reports free memory to the host. There,
 huge pages faulted in at 11 to 12 GB/s when the memory had been freed less
-than a second before. Once it had lain free for 1 to 6 s, the host had taken
-it back and had to supply it again, and huge pages faulted in at 1.2 to 2.2
-GB/s. 4 KiB pages faulted in at 3.5 GB/s after any pause, as the repository's ``python -m
+than a second before. Once it had lain free for a few seconds (1 to 6 s in
+four runs), the host had taken it back and had to supply it again, and huge
+pages faulted in at 0.6 to 2.2 GB/s. 4 KiB pages faulted in at 3.5 GB/s after any pause, as the repository's ``python -m
 benchmarks.first_touch`` shows. A new result array usually comes
 from memory that lay free for seconds, so 4 KiB pages are faster there.
 

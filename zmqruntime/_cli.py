@@ -157,9 +157,9 @@ def _build_parser() -> argparse.ArgumentParser:
     results.add_argument(
         "--sink",
         default="memmap",
-        help="memmap, zarr, or a path ending in .npy or .zarr; memmap and zarr "
-        "write new files named zmqruntime-<result>-<random> in the system temp "
-        "directory (default: %(default)s)",
+        help="memmap, zarr, memory, or a path ending in .npy or .zarr; memmap and "
+        "zarr write new files named zmqruntime-<result>-<random> in the system "
+        "temp directory, memory only prints shape and dtype (default: %(default)s)",
     )
     results.add_argument(
         "--name",

@@ -41,7 +41,7 @@ from ._receiver import DEFAULT_HWM, ChunkReceived, StreamEvent, StreamReceiver
 from ._sinkfactory import SinkArgument, make_sink_factory
 from ._spawn import spawn_server
 from ._status import CancelResult, ExecutionStatus
-from ._transfer import pack_arena_reply, pack_credit, pack_done
+from ._transfer import pack_arena_reply, pack_closed, pack_credit, pack_done
 
 __all__ = ["ExecutionClient"]
 
@@ -446,8 +446,10 @@ class ExecutionClient:
         """Fetch results chunk by chunk, yielding an event after each declaration, chunk and end.
 
         Each ``ChunkReceived`` arrives after the chunk is in its sink. Closing
-        the iterator early closes the fetch's sockets; the server drops the
-        transfer once it notices (at most its transfer timeout later).
+        the iterator early, or an error in a sink, closes the fetch's sockets
+        and tells the server, which ends the transfer within about 0.1 s. A
+        client that dies cannot tell it: the server then drops the transfer
+        after its transfer timeout.
         """
         if window_bytes is not None and window_bytes < 1:
             raise ValueError(
@@ -524,6 +526,10 @@ class ExecutionClient:
         )
 
 
+# How long closing a fetch early may wait for its last message to leave, in ms.
+_CLOSED_LINGER_MS = 200
+
+
 class _FetchSockets:
     """The client end of one transfer: a PULL for data, a PUSH for credits, maybe an arena."""
 
@@ -568,7 +574,14 @@ class _FetchSockets:
 
     def __exit__(self, *exc_info: object) -> None:
         self.data.close(linger=0)
-        self._credits.close(linger=0)
+        if not self._credits.closed:
+            # Ended early (a sink error, or the iterator closed): without this
+            # message the server would keep the transfer until its timeout.
+            try:
+                self._credits.send(pack_closed(), zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                logger.debug("could not tell the server the fetch ended early: %s", exc)
+            self._credits.close(linger=_CLOSED_LINGER_MS)
         if self.arena is not None:
             self.arena.close()
 

@@ -18,8 +18,9 @@ import logging
 import os
 import sys
 import threading
+import time
 
-__all__ = ["lower_current_thread", "lower_new_zmq_threads", "zmq_thread_ids"]
+__all__ = ["lower_current_thread", "lower_new_zmq_threads", "thread_ids", "zmq_thread_ids"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,13 @@ def lower_current_thread(increment: int) -> None:
         _lower(threading.get_native_id(), increment)
 
 
+def thread_ids() -> set[int]:
+    """Return the ids of all of this process's threads; empty where unsupported."""
+    if not _supported():
+        return set()
+    return {int(name) for name in os.listdir(_TASK_DIR)}
+
+
 def zmq_thread_ids() -> set[int]:
     """Return the ids of this process's libzmq background threads (named ``ZMQbg/...``)."""
     if not _supported():
@@ -62,14 +70,30 @@ def zmq_thread_ids() -> set[int]:
     return found
 
 
-def lower_new_zmq_threads(before: set[int], increment: int) -> None:
+def lower_new_zmq_threads(
+    before: set[int], increment: int, expected: int, timeout: float = 1.0
+) -> None:
     """Raise the nice value of libzmq threads that are not in ``before`` by ``increment``.
 
-    Take ``before`` with :func:`zmq_thread_ids` just before the first socket
-    of a context is created (libzmq starts a context's threads then), and call
-    this right after, so only that context's threads are changed.
+    Take ``before`` with :func:`thread_ids` just before the first socket of a
+    context is created (libzmq starts a context's threads then), and call
+    this right after with ``expected``, the number of threads the context
+    starts (its I/O threads plus one reaper), so only that context's threads
+    are changed. Each libzmq thread names itself ``ZMQbg/...`` once it runs,
+    so right after the socket is created a new thread may not carry its name
+    yet. This waits up to ``timeout`` seconds for ``expected`` new named
+    threads, then lowers those it found. ``before`` contains every thread, named
+    or not, so threads of an earlier context that were still unnamed then are
+    never taken for new ones.
     """
-    if increment <= 0:
+    if increment <= 0 or not _supported():
         return
-    for thread_id in zmq_thread_ids() - before:
+    deadline = time.monotonic() + timeout
+    new = zmq_thread_ids() - before
+    while len(new) < expected and time.monotonic() < deadline:
+        time.sleep(0.001)
+        new = zmq_thread_ids() - before
+    if len(new) < expected:
+        logger.debug("found %d of %d new libzmq threads to lower", len(new), expected)
+    for thread_id in new:
         _lower(thread_id, increment)

@@ -48,7 +48,7 @@ from ._errors import ExecutionNotFoundError, ProtocolError, ZmqRuntimeError
 from ._execution import TERMINAL_STATES, ExecutionRecord, RequestIds, ServerConfig, crash_error
 from ._executor import Executor, Job, ProcessExecutor
 from ._ingest import Ingest
-from ._priority import lower_new_zmq_threads, zmq_thread_ids
+from ._priority import lower_new_zmq_threads, thread_ids
 from ._retention import RetentionStore
 from ._spawn import EndpointLock, bind_or_raise
 from ._transfer import Transfer
@@ -176,9 +176,11 @@ class ExecutionServer:
         else:
             self._bind_base = "tcp://127.0.0.1" if self.config.host is None else self.config.host
         # The data context's libzmq threads start with its first socket.
-        zmq_threads = zmq_thread_ids()
+        threads_before = thread_ids()
         self._ingest_socket = self._context.socket(zmq.PULL)
-        lower_new_zmq_threads(zmq_threads, self.config.data_nice)
+        # One reaper thread besides the I/O threads.
+        expected = self._context.get(zmq.IO_THREADS) + 1
+        lower_new_zmq_threads(threads_before, self.config.data_nice, expected)
         self._ingest_socket.setsockopt(zmq.LINGER, 0)
         self._ingest_socket.setsockopt(zmq.RCVHWM, self.config.ingest_hwm)
         if self._ipc_dir is not None:

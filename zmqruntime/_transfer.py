@@ -72,6 +72,11 @@ def pack_done() -> bytes:
     return pack_value({"v": CONTROL_PROTOCOL_VERSION, "done": True})
 
 
+def pack_closed() -> bytes:
+    """Encode the client's notice that it stopped reading before the stream end."""
+    return pack_value({"v": CONTROL_PROTOCOL_VERSION, "closed": True})
+
+
 class Transfer:
     """Streams one retained stream to one client in its own thread.
 
@@ -130,6 +135,8 @@ class Transfer:
         self._itemsizes: dict[str, int] = {}
         self._in_flight = 0
         self._client_done = False
+        # Set when the client stopped reading early, which ends the transfer.
+        self._client_closed = False
         self._stop = threading.Event()
         self.arena_offered = offer_arena and stream.arena is not None
         # None until the client's first message replies to an offer.
@@ -163,8 +170,10 @@ class Transfer:
         self.stream.add_reader()
         try:
             self.outcome = self._stream_records()
-            if self.outcome == "sent":
-                self.outcome = "completed" if self._wait_done() else "unacknowledged"
+            if self.outcome == "sent" and self._wait_done():
+                self.outcome = "completed"
+            elif self.outcome == "sent":
+                self.outcome = self._end_reason() if self._client_closed else "unacknowledged"
         except KeyError:
             self.outcome = "released"
         except (zmq.ZMQError, OSError) as exc:
@@ -188,10 +197,10 @@ class Transfer:
 
     def _stream_records(self) -> str:
         if self.arena_offered and not self._await_arena_reply():
-            return "stopped" if self._stop.is_set() else "timed out"
+            return self._end_reason()
         index = 0
         idle_since = time.monotonic()
-        while not self._stop.is_set():
+        while not self._stopping():
             record = self.stream.wait_record(index, _TICK)
             if record is None:
                 self._read_credits(0)
@@ -200,7 +209,7 @@ class Transfer:
                 continue
 
             if not self._send_record(record):
-                return "stopped" if self._stop.is_set() else "timed out"
+                return self._end_reason()
             # Credits are read after every send, not only when the window is
             # full: unread, a long stream of small chunks fills the credit
             # socket's queues and blocks the client.
@@ -210,7 +219,15 @@ class Transfer:
             with self.stream.cond:
                 if self.stream.sealed and index >= len(self.stream):
                     return "sent"
-        return "stopped"
+        return self._end_reason()
+
+    def _stopping(self) -> bool:
+        return self._stop.is_set() or self._client_closed
+
+    def _end_reason(self) -> str:
+        if self._client_closed:
+            return "closed by client"
+        return "stopped" if self._stop.is_set() else "timed out"
 
     def _send_record(self, record: Record) -> bool:
         header_frame = record.header
@@ -257,7 +274,9 @@ class Transfer:
     def _wait_for_window(self, size: int) -> bool:
         deadline = time.monotonic() + self.timeout
         while self._in_flight > 0 and self._in_flight + size > self.window_bytes:
-            if self._stop.is_set() or time.monotonic() > deadline:
+            if self._stopping():
+                return False
+            if time.monotonic() > deadline:
                 logger.warning(
                     "transfer %d of execution %s got no credit for %.0f s",
                     self.transfer_id,
@@ -271,9 +290,10 @@ class Transfer:
     def _send_frames(self, frames: list[Any], size: int) -> bool:
         deadline = time.monotonic() + self.timeout
         while True:
-            if self._stop.is_set() or time.monotonic() > deadline:
+            if self._stopping() or time.monotonic() > deadline:
                 return False
             if not self._data.poll(int(_TICK * 1000), zmq.POLLOUT):
+                self._read_credits(0)
                 continue
             # Chunks are sent under the stream's lock so that a cancel, which
             # cuts the stream under the same lock, is never overtaken by a send.
@@ -291,7 +311,7 @@ class Transfer:
     def _await_arena_reply(self) -> bool:
         deadline = time.monotonic() + self.timeout
         while self.arena_accepted is None:
-            if self._stop.is_set() or time.monotonic() > deadline:
+            if self._stopping() or time.monotonic() > deadline:
                 return False
             self._read_credits(int(_TICK * 1000))
         return True
@@ -315,13 +335,14 @@ class Transfer:
                 if isinstance(credit, int) and not isinstance(credit, bool):
                     self._in_flight = max(0, self._in_flight - credit)
                 self._client_done = self._client_done or message.get("done") is True
+                self._client_closed = self._client_closed or message.get("closed") is True
                 arena = message.get("arena")
                 if isinstance(arena, bool) and self.arena_accepted is None:
                     self.arena_accepted = arena
 
     def _wait_done(self) -> bool:
         deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline and not self._stop.is_set():
+        while time.monotonic() < deadline and not self._stopping():
             if self._read_credits(int(_TICK * 1000)):
                 return True
         return False

@@ -17,6 +17,7 @@ from zmqruntime import (
     ExecutionCancelledError,
     ExecutionClient,
     ExecutionNotFoundError,
+    ExecutionServer,
     ExecutionState,
     RemoteError,
     ServerConfig,
@@ -266,6 +267,36 @@ def test_server_refetch_after_client_dies_midstream() -> None:
         with connected_client(server) as other:
             results = other.get_results(exec_id)
     np.testing.assert_array_equal(results["stack"][:, 0, 0], np.arange(8))
+
+
+def _last_transfer_outcome(server: ExecutionServer, within: float = 3.0) -> str | None:
+    deadline = time.monotonic() + within
+    while not server.transfer_stats and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return server.transfer_stats[-1]["outcome"] if server.transfer_stats else None
+
+
+def test_server_transfer_ends_when_sink_fails() -> None:
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 4, "size": 64})
+        client.wait(exec_id, timeout=30)
+        with pytest.raises(ValueError, match="memroy"):
+            client.get_results(exec_id, sink="memroy")
+        outcome = _last_transfer_outcome(server)
+        transfers = client.ping()["transfers"]
+    assert outcome == "closed by client"
+    assert transfers == 0
+
+
+def test_server_transfer_ends_when_iterator_closed() -> None:
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(ENDLESS_PIPELINE, {})
+        events = client.iter_results(exec_id)
+        next(events)
+        events.close()
+        outcome = _last_transfer_outcome(server)
+        client.cancel(exec_id)
+    assert outcome == "closed by client"
 
 
 def test_server_window_bounds_bytes_in_flight() -> None:
