@@ -115,9 +115,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--data-nice",
         type=int,
-        default=10,
-        help="nice increment of the server's data-path threads, so control requests run "
-        "first on a busy machine; 0 turns it off, Linux only (default: %(default)s)",
+        default=0,
+        help="nice increment of the server's data-path threads, Linux only; 0 leaves "
+        "them at the control loop's priority (default: %(default)s)",
     )
     serve.add_argument(
         "--no-shared-memory",
