@@ -133,7 +133,6 @@ def load_profile(name: str | None = None) -> Profile:
             name, sizes, _quick_configs(), 64 * MIB, ("none", "lz4", "zstd"), gbit, output_dir
         )
     if name == "full":
-        # NOTE: the full profile has not been run as a whole yet, so its duration is an estimate.
         sizes = (64 * KIB, 1 * MIB, 16 * MIB, 256 * MIB, 1 * GIB, 4 * GIB)
         return Profile(
             name, sizes, _full_configs(), 256 * MIB, ("none", "lz4", "zstd"), gbit, output_dir

@@ -9,6 +9,7 @@ Markdown report and the plot; targets are printed there, never asserted.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import shutil
 import statistics
 import tempfile
@@ -45,6 +46,7 @@ from ._suite_peers import (
     receive_zmq,
     start_peer_sender,
     time_copyto,
+    time_disk_write,
 )
 from ._suite_proxy import ThrottledProxy
 from ._suite_report import Figure, Results, write_report
@@ -52,6 +54,8 @@ from ._suite_report import Figure, Results, write_report
 PROFILE: Profile = load_profile()
 RESULTS = Results(PROFILE)
 MIB = 1 << 20
+# One 2048 x 2048 uint16 frame, the chunk the end-to-end pipelines write, in bytes.
+FRAME_BYTES = 2048 * 2048 * 2
 
 # Distributed's LocalCluster may warn about its own clean-up, which is not ours to fix.
 # A 4 GiB case of the full profile runs for minutes, beyond the test suite's 120 s timeout.
@@ -102,6 +106,24 @@ def test_numpy_copyto(benchmark: Any, nbytes: int) -> None:
         iterations=1,
     )
     _record(benchmark, Figure("numpy copyto", "peer", nbytes, _gbps(nbytes, seconds)))
+
+
+# ---------------------------------------------------------------- disk limit
+
+
+@pytest.mark.parametrize("nbytes", PROFILE.sizes, ids=size_label)
+def test_disk_write_limit(benchmark: Any, workdir: Path, nbytes: int) -> None:
+    # One frame, or the whole result when it is smaller, written over and over,
+    # so the disk gets writes of the sizes the memmap sink issues. An anonymous
+    # mapping is page-aligned, as O_DIRECT needs. np.empty is not always.
+    piece = np.frombuffer(mmap.mmap(-1, min(nbytes, FRAME_BYTES)), np.uint8)
+    seconds: list[float] = []
+    benchmark.pedantic(
+        lambda: seconds.append(time_disk_write(workdir / "disk.bin", piece, nbytes)),
+        rounds=PROFILE.rounds(nbytes),
+        iterations=1,
+    )
+    _record(benchmark, Figure("disk write", "peer", nbytes, _gbps(nbytes, seconds)))
 
 
 # ---------------------------------------------------------------- transport limit

@@ -8,14 +8,15 @@ thread fault its pages in ahead of the receiver with
 ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14 and later), a single system call
 per step that runs without the GIL. With it the same stream ran at 2.4 GB/s.
 
-Transparent huge pages are turned off for these mappings. The test machine is
-a virtual machine whose balloon device reports free memory to the host. There,
-huge pages faulted in at 11 to 12 GB/s when the memory had been freed less
-than a second before. Once it had lain free for a few seconds (1 to 6 s in
-four runs), the host had taken it back and had to supply it again, and huge
-pages faulted in at 0.6 to 2.2 GB/s. 4 KiB pages faulted in at 3.5 GB/s after any pause, as the repository's ``python -m
-benchmarks.first_touch`` shows. A new result array usually comes
-from memory that lay free for seconds, so 4 KiB pages are faster there.
+Transparent huge pages are turned off for these mappings. The test machine
+is a virtual machine whose balloon device reports free memory to the host.
+There, huge pages faulted in at 11 to 12 GB/s when the memory had been freed
+less than a second before. Once it had lain free for a few seconds (1 to 6 s
+in four runs), the host had taken it back and had to supply it again, and
+huge pages faulted in at 0.6 to 2.2 GB/s. 4 KiB pages faulted in at 3.5 GB/s
+after any pause, as the repository's ``python -m benchmarks.first_touch``
+shows. A new result array usually comes from memory that lay free for
+seconds, so 4 KiB pages are faster there.
 
 NOTE: on bare metal, or on a VM without free page reporting, huge pages would
 likely fault in about three times faster. The module does not detect which

@@ -157,6 +157,10 @@ def test_preallocated_row_is_a_reference_not_a_target(tmp_path: Path) -> None:
 
     verdicts = [v for v in evaluate_targets(results) if "memory-out" in v.target]
 
-    assert [(v.measured, v.outcome) for v in verdicts] == [
-        ("1.50x (3.000 / 2.000 GB/s)", "reference")
+    assert [(v.target, v.measured, v.outcome) for v in verdicts] == [
+        (
+            "zmqruntime memory-out/none/tcp/microscopy at 1 GiB / pyzmq PUSH/PULL tcp",
+            "1.50x (3.000 / 2.000 GB/s)",
+            "reference",
+        )
     ]
