@@ -255,10 +255,10 @@ data is uniform over the uint16 range. GB/s means 1e9 bytes per second of raw ar
 - numpy copyto: `np.copyto` into a preallocated, pre-faulted array (the memory limit).
 - pyzmq PUSH/PULL: a bare pyzmq stream of the same bytes as 8 MiB messages (one message under
   8 MiB), zero-copy send and `recv_into` a preallocated, pre-faulted array (the transport limit).
-- disk write: the same bytes written in 8 MiB pieces (one piece under 8 MiB) into a new file
-  with `O_DIRECT`, as the file sinks write large results, then `fsync`, in the directory the
-  memmap and zarr sinks write to (the disk limit). The Targets table compares the memmap and
-  zarr rows with it in "reference" rows.
+- disk write: the same bytes written into a new file in 8 MiB pieces (one piece under 8 MiB)
+  with `O_DIRECT`, as the file sinks write large results, then `fsync` (the disk limit). The
+  file is in the directory the memmap and zarr sinks write to. The Targets table compares the
+  memmap and zarr rows with it in "reference" rows.
 - Dask: a LocalCluster with one worker process (threads 1, dashboard off, 127.0.0.1) makes the
   array. The clock covers only `client.gather(future)` or `client.gather(future, direct=True)`.
 - pickle-5 pipe: the array pickled with protocol 5 and out-of-band buffers in a spawned process,
