@@ -1,6 +1,8 @@
 """Data-path throughput and memory, each as a ratio to a baseline measured in the same run.
 
-Run: ``python3 tasks.py bench benchmarks/test_data_path.py`` (about 3 minutes).
+Run: ``python3 tasks.py bench benchmarks/test_data_path.py`` (about 3 minutes). Rows that
+print a ratio without a target (a preallocated memory sink, the disk) are
+references that explain a target.
 Sizes: ``ZMQRUNTIME_BENCH_BYTES`` (default 1 GiB) for throughput and
 ``ZMQRUNTIME_BENCH_RSS_BYTES`` (default 4 GiB) for the memory check. With
 ``ZMQRUNTIME_BENCH_SMOKE=1`` the targets are reported but not asserted.
@@ -8,6 +10,7 @@ Sizes: ``ZMQRUNTIME_BENCH_BYTES`` (default 1 GiB) for throughput and
 
 from __future__ import annotations
 
+import mmap
 import os
 import statistics
 import time
@@ -32,6 +35,7 @@ from ._streaming import (
     receive_stream,
     start_sender,
 )
+from ._suite_peers import time_disk_write
 
 TOTAL = int(os.environ.get("ZMQRUNTIME_BENCH_BYTES", 1 << 30))
 RSS_TOTAL = int(os.environ.get("ZMQRUNTIME_BENCH_RSS_BYTES", 4 << 30))
@@ -115,6 +119,25 @@ def test_memory_sink_preallocated_out(benchmark: Any) -> None:
     print(f"\nmemory sink into a preallocated array / ceiling: {gbps / RESULTS['ceiling']:.2f}x")
 
 
+def test_disk_write_reference(benchmark: Any, tmp_path: Path) -> None:
+    # Not a target: O_DIRECT writes of the same bytes in frame-sized pieces,
+    # the most the memmap and zarr sinks can reach on this disk.
+    piece = np.frombuffer(mmap.mmap(-1, FRAME_BYTES), np.uint8)
+    seconds: list[float] = []
+    benchmark.pedantic(
+        lambda: seconds.append(time_disk_write(tmp_path / "disk.bin", piece, TOTAL)),
+        rounds=ROUNDS,
+        iterations=1,
+    )
+    RESULTS["disk"] = TOTAL / statistics.median(seconds) / 1e9
+    print(f"\ndisk write: {RESULTS['disk']:.2f} GB/s")
+
+
+def _print_against_disk(name: str, gbps: float) -> None:
+    if "disk" in RESULTS:
+        print(f"{name} / disk write: {gbps / RESULTS['disk']:.2f}x")
+
+
 def test_memmap_sink_uncompressed(benchmark: Any, tmp_path: Path) -> None:
     paths = iter(range(100))
 
@@ -122,6 +145,7 @@ def test_memmap_sink_uncompressed(benchmark: Any, tmp_path: Path) -> None:
         return MemmapSink(tmp_path / f"stack{next(paths)}.npy")
 
     gbps = _bench_stream(benchmark, "memmap", "array", _receive_into(make))
+    _print_against_disk("memmap sink", gbps)
     _check("memmap sink / ceiling", gbps / RESULTS["ceiling"], 0.6)
 
 
@@ -132,6 +156,7 @@ def _zarr_sink(root: Path, compressors: Any) -> Callable[[], Any]:
 
 def test_zarr_sink_uncompressed(benchmark: Any, tmp_path: Path) -> None:
     gbps = _bench_stream(benchmark, "zarr", "array", _receive_into(_zarr_sink(tmp_path, None)))
+    _print_against_disk("zarr sink", gbps)
     _check("zarr sink / ceiling", gbps / RESULTS["ceiling"], 0.5)
 
 
