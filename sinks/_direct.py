@@ -4,7 +4,7 @@ Why: writing a result through the page cache needs one fresh page of RAM per
 4 KiB written. On the 2-core virtual machines this project is tested on, the
 host backs guest memory that was not touched recently only on first use.
 There, buffered writes of 1 GiB into new files ran at 0.45 to 0.52 GB/s and
-the same writes with ``O_DIRECT`` at 2.0 to 2.5 GB/s. Direct writes also
+the same writes with ``O_DIRECT`` at 1.4 to 2.5 GB/s. Direct writes also
 leave no gigabytes of dirty pages behind for the kernel to write back later.
 
 ``O_DIRECT`` needs the memory address, the file offset and the length to be

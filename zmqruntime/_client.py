@@ -446,10 +446,12 @@ class ExecutionClient:
         """Fetch results chunk by chunk, yielding an event after each declaration, chunk and end.
 
         Each ``ChunkReceived`` arrives after the chunk is in its sink. Closing
-        the iterator early, or an error in a sink, closes the fetch's sockets
-        and tells the server, which ends the transfer within about 0.1 s. A
-        client that dies cannot tell it: the server then drops the transfer
-        after its transfer timeout.
+        the iterator early, or an error in a sink, aborts every result not
+        yet complete: its sink keeps what was committed and marks the result
+        incomplete (see each sink's ``abort``). The fetch's sockets close and
+        the client notifies the server, which ends the transfer within about
+        0.1 s. A client that dies cannot notify it: the server then drops the
+        transfer after its transfer timeout.
         """
         if window_bytes is not None and window_bytes < 1:
             raise ValueError(
@@ -477,7 +479,13 @@ class ExecutionClient:
                 on_chunk=fetch.credit,
                 arena=fetch.arena,
             )
-            yield from self._follow(receiver, exec_id, idle_limit)
+            try:
+                yield from self._follow(receiver, exec_id, idle_limit)
+            except BaseException as exc:
+                # Closed early, a sink error or an interrupt: every result not
+                # yet complete keeps what it committed and is marked incomplete.
+                receiver.abort(_early_end_reason(exc))
+                raise
             fetch.done()
 
     def _follow(
@@ -584,6 +592,12 @@ class _FetchSockets:
             self._credits.close(linger=_CLOSED_LINGER_MS)
         if self.arena is not None:
             self.arena.close()
+
+
+def _early_end_reason(exc: BaseException) -> str:
+    if isinstance(exc, GeneratorExit):
+        return "the caller closed the fetch before the stream end"
+    return f"the fetch stopped before the stream end: {type(exc).__name__}: {exc}"
 
 
 def _destroy(context: zmq.Context[Any]) -> None:

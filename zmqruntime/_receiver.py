@@ -186,10 +186,17 @@ class StreamReceiver:
 
     def abort(self, reason: str) -> None:
         """Abort every result not yet completed; committed data stays in its sink."""
-        for state in self._results.values():
-            if not state.done:
-                state.done = True
+        for name, state in self._results.items():
+            if state.done:
+                continue
+            state.done = True
+            try:
                 state.sink.abort(reason)
+            except Exception as exc:
+                # One sink that fails to abort must not leave the others open.
+                logger.warning(
+                    "aborting result %r of execution %s failed: %s", name, self.exec_id, exc
+                )
         self._finished = True
 
     def _dispatch(self, message: Any) -> StreamEvent | None:

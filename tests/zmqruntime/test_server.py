@@ -5,12 +5,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import blosc2
 import msgpack
 import numpy as np
 import psutil
 import pytest
+import zarr
 import zmq
 
 from zmqruntime import (
@@ -297,6 +299,43 @@ def test_server_transfer_ends_when_iterator_closed() -> None:
         outcome = _last_transfer_outcome(server)
         client.cancel(exec_id)
     assert outcome == "closed by client"
+
+
+def _close_after_chunks(
+    client: ExecutionClient, exec_id: str, name: str, sink: Path, count: int
+) -> int:
+    # Returns the rows the sink had committed when the caller closed the fetch.
+    events = client.iter_results(exec_id, sink, names=[name])
+    rows = 0
+    for event in events:
+        if isinstance(event, ChunkReceived):
+            rows = max(rows, event.region.stop[0])
+            count -= 1
+            if count == 0:
+                break
+    events.close()
+    return rows
+
+
+def test_client_closed_fetch_truncates_growable_memmap(tmp_path: Path) -> None:
+    path = tmp_path / "early.npy"
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(ENDLESS_PIPELINE, {})
+        rows = _close_after_chunks(client, exec_id, "stream", path, 3)
+        client.cancel(exec_id)
+    stored = np.load(path, mmap_mode="r")
+    assert stored.shape == (rows, 64, 64)
+
+
+def test_client_closed_fetch_marks_zarr_aborted(tmp_path: Path) -> None:
+    path = tmp_path / "early.zarr"
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(FRAMES_PIPELINE, {"n": 40, "size": 64})
+        client.wait(exec_id, timeout=30)
+        _close_after_chunks(client, exec_id, "stack", path, 3)
+    attributes = dict(zarr.open_array(path, mode="r").attrs)["zmqruntime"]
+    assert attributes["complete"] is False
+    assert "closed the fetch" in attributes["aborted"]
 
 
 def test_server_window_bounds_bytes_in_flight() -> None:
