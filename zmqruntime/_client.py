@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from ._arena import ArenaReader, arenas_supported
+from ._arena import arenas_supported
 from ._control import (
     ControlValueError,
     MessageType,
@@ -36,12 +36,12 @@ from ._errors import (
     ZmqRuntimeError,
     ZmqTimeoutError,
 )
+from ._fetch import FetchSockets, early_end_reason
 from ._pipeline import check_pipeline_source
-from ._receiver import DEFAULT_HWM, ChunkReceived, StreamEvent, StreamReceiver
+from ._receiver import ChunkReceived, StreamEvent, StreamReceiver
 from ._sinkfactory import SinkArgument, make_sink_factory
 from ._spawn import spawn_server
 from ._status import CancelResult, ExecutionStatus
-from ._transfer import pack_arena_reply, pack_closed, pack_credit, pack_done
 
 __all__ = ["ExecutionClient"]
 
@@ -470,7 +470,7 @@ class ExecutionClient:
         known_names = list(names) if names is not None else None
         reply = self._request(MessageType.RESULTS, body)
         idle_limit = self.timeout if timeout is None else timeout
-        with _FetchSockets(self._context, reply, exec_id) as fetch:
+        with FetchSockets(self._context, reply, exec_id) as fetch:
             receiver = StreamReceiver(
                 fetch.data,
                 exec_id,
@@ -484,7 +484,7 @@ class ExecutionClient:
             except BaseException as exc:
                 # Closed early, a sink error or an interrupt: every result not
                 # yet complete keeps what it committed and is marked incomplete.
-                receiver.abort(_early_end_reason(exc))
+                receiver.abort(early_end_reason(exc))
                 raise
             fetch.done()
 
@@ -532,72 +532,6 @@ class ExecutionClient:
             f"results of execution {exec_id} from {self.endpoint}: no message for "
             f"{idle_limit} s after the execution ended"
         )
-
-
-# How long closing a fetch early may wait for its last message to leave, in ms.
-_CLOSED_LINGER_MS = 200
-
-
-class _FetchSockets:
-    """The client end of one transfer: a PULL for data, a PUSH for credits, maybe an arena."""
-
-    def __init__(self, context: zmq.Context[Any], reply: Mapping[str, Any], exec_id: str) -> None:
-        self.data = context.socket(zmq.PULL)
-        self.data.setsockopt(zmq.LINGER, 0)
-        self.data.setsockopt(zmq.RCVHWM, DEFAULT_HWM)
-        self.data.connect(reply["data_endpoint"])
-        self._credits = context.socket(zmq.PUSH)
-        self._credits.setsockopt(zmq.LINGER, 0)
-        self._credits.connect(reply["credit_endpoint"])
-        self.arena: ArenaReader | None = None
-        self._unsent_credit = 0
-
-        locator = reply.get("arena")
-        if locator:
-            try:
-                self.arena = ArenaReader(locator, exec_id)
-            except (OSError, KeyError, ValueError, TypeError) as exc:
-                # Another host or another user: the socket carries the payloads.
-                logger.debug("execution %s: arena not readable here: %s", exec_id, exc)
-            self._credits.send(pack_arena_reply(self.arena is not None))
-
-    def credit(self, nbytes: int) -> None:
-        # Never blocks: credits the socket cannot take now are added to the next.
-        self._unsent_credit += nbytes
-        try:
-            self._credits.send(pack_credit(self._unsent_credit), zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        self._unsent_credit = 0
-
-    def done(self) -> None:
-        # A short linger so the acknowledgement leaves before the socket closes.
-        if self._unsent_credit:
-            self._credits.send(pack_credit(self._unsent_credit))
-        self._credits.send(pack_done())
-        self._credits.close(linger=1000)
-
-    def __enter__(self) -> _FetchSockets:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.data.close(linger=0)
-        if not self._credits.closed:
-            # Ended early (a sink error, or the iterator closed): without this
-            # message the server would keep the transfer until its timeout.
-            try:
-                self._credits.send(pack_closed(), zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                logger.debug("could not tell the server the fetch ended early: %s", exc)
-            self._credits.close(linger=_CLOSED_LINGER_MS)
-        if self.arena is not None:
-            self.arena.close()
-
-
-def _early_end_reason(exc: BaseException) -> str:
-    if isinstance(exc, GeneratorExit):
-        return "the caller closed the fetch before the stream end"
-    return f"the fetch stopped before the stream end: {type(exc).__name__}: {exc}"
 
 
 def _destroy(context: zmq.Context[Any]) -> None:

@@ -12,12 +12,14 @@ from typing import Any
 from ._control import pack_value
 
 __all__ = [
+    "STREAM_END_GRACE",
     "TERMINAL_STATES",
     "ExecutionRecord",
     "RequestIds",
     "ServerConfig",
     "crash_error",
     "default_memory_limit",
+    "final_outcome",
 ]
 
 STATES = ("queued", "running", "cancelling", "completed", "failed", "cancelled")
@@ -188,6 +190,34 @@ class ExecutionRecord:
         if not self.results:
             return None, None
         return chunks_total, bytes_total
+
+
+# After a worker exits having reported success, how long the server waits for
+# the stream end still in flight on the data channel before it marks the
+# execution failed, in seconds. The worker flushes its socket before it exits,
+# so this is a safety margin, not a typical wait.
+STREAM_END_GRACE = 5.0
+
+
+def final_outcome(record: ExecutionRecord, now: float) -> tuple[str, dict[str, str] | None] | None:
+    """Return the final state and error of an execution whose worker exited.
+
+    ``now`` is ``time.monotonic()``. Returns None while a successful worker's
+    stream end may still be in flight (within :data:`STREAM_END_GRACE` of its
+    exit), so the caller asks again later.
+    """
+    if record.cancel_requested or record.exitcode is None:
+        return "cancelled", None
+    if record.outcome is None:
+        return "failed", crash_error(record.exitcode)
+    status, error = str(record.outcome.get("status")), record.outcome.get("error")
+    if status != "completed" or record.stream_ended:
+        return status, error
+    assert record.exited_at is not None
+    if now - record.exited_at < STREAM_END_GRACE:
+        return None
+    message = "the worker exited but its stream end never arrived"
+    return "failed", {"type": "IncompleteStream", "message": message, "traceback": ""}
 
 
 def crash_error(exitcode: int | None) -> dict[str, str]:

@@ -45,7 +45,7 @@ from ._control import (
     peek_request_id,
 )
 from ._errors import ExecutionNotFoundError, ProtocolError, ZmqRuntimeError
-from ._execution import TERMINAL_STATES, ExecutionRecord, RequestIds, ServerConfig, crash_error
+from ._execution import TERMINAL_STATES, ExecutionRecord, RequestIds, ServerConfig, final_outcome
 from ._executor import Executor, Job, ProcessExecutor
 from ._ingest import Ingest
 from ._priority import lower_new_zmq_threads, thread_ids
@@ -57,12 +57,6 @@ from ._wire import StreamEnd, encode_message
 __all__ = ["ExecutionServer"]
 
 logger = logging.getLogger(__name__)
-
-# After a worker exits having reported success, how long the server waits for
-# the stream end still in flight on the data channel before it marks the
-# execution failed, in seconds. The worker flushes its socket before it exits,
-# so this is a safety margin, not a typical wait.
-STREAM_END_GRACE = 5.0
 
 # Terminal execution records kept for status queries; the oldest beyond this
 # are forgotten (their results released), so a long-running server stays
@@ -527,18 +521,10 @@ class ExecutionServer:
         # Caller holds the lock.
         if record.state in TERMINAL_STATES or record.exited_at is None:
             return
-        status, error = self._final_outcome(record)
-        if status == "completed" and not record.stream_ended:
-            if time.monotonic() - record.exited_at < STREAM_END_GRACE:
-                return  # the stream end may still be in flight; housekeeping retries
-            status, error = (
-                "failed",
-                {
-                    "type": "IncompleteStream",
-                    "message": "the worker exited but its stream end never arrived",
-                    "traceback": "",
-                },
-            )
+        outcome = final_outcome(record, time.monotonic())
+        if outcome is None:
+            return  # the stream end may still be in flight, and housekeeping retries
+        status, error = outcome
 
         stream = self._retention.get(record.exec_id)
         if stream is not None and not stream.sealed:
@@ -548,13 +534,6 @@ class ExecutionServer:
         record.error = error
         record.finished_at = time.time()
         self._set_state(record, status)
-
-    def _final_outcome(self, record: ExecutionRecord) -> tuple[str, dict[str, str] | None]:
-        if record.cancel_requested or record.exitcode is None:
-            return "cancelled", None
-        if record.outcome is not None:
-            return str(record.outcome.get("status")), record.outcome.get("error")
-        return "failed", crash_error(record.exitcode)
 
     def _set_state(self, record: ExecutionRecord, state: str) -> None:
         previous, record.state = record.state, state
