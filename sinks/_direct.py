@@ -87,9 +87,9 @@ def open_direct(path: str | os.PathLike[str], flags: int, mode: int = 0o644) -> 
         raise
 
 
-def _aligned_address(payload: memoryview) -> bool:
+def _aligned_address(data: memoryview) -> bool:
     # numpy reads the address of read-only buffers too, which ctypes cannot.
-    address = np.frombuffer(payload.cast("B"), np.uint8).__array_interface__["data"][0]
+    address = np.frombuffer(data, np.uint8).__array_interface__["data"][0]
     return int(address) % ALIGN == 0
 
 
@@ -118,11 +118,12 @@ class Staging:
         """
         if offset % ALIGN:
             raise ValueError(f"direct write offset {offset} is not a multiple of {ALIGN}")
-        nbytes = payload.nbytes
+        data = payload.cast("B")
+        nbytes = data.nbytes
         padded = aligned_up(nbytes)
-        if padded == nbytes and _aligned_address(payload):
+        if padded == nbytes and _aligned_address(data):
             # Already block-aligned, as a page of a shared-memory arena is: no copy.
-            _pwrite_all(fd, payload.cast("B"), offset)
+            _pwrite_all(fd, data, offset)
             return
         if len(self._buffer) < padded:
             self._buffer.close()
@@ -130,7 +131,7 @@ class Staging:
 
         view = memoryview(self._buffer)
         try:
-            view[:nbytes] = payload.cast("B")
+            view[:nbytes] = data
             view[nbytes:padded] = bytes(padded - nbytes)
             _pwrite_all(fd, view[:padded], offset)
         finally:

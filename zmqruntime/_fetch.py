@@ -71,7 +71,7 @@ class FetchSockets:
             try:
                 self._credits.send(pack_closed(), zmq.NOBLOCK)
             except zmq.ZMQError as exc:
-                logger.debug("could not tell the server the fetch ended early: %s", exc)
+                logger.debug("could not notify the server that the fetch ended early: %s", exc)
             self._credits.close(linger=_CLOSED_LINGER_MS)
         if self.arena is not None:
             self.arena.close()

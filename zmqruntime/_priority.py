@@ -49,7 +49,7 @@ def lower_current_thread(increment: int) -> None:
 
 
 def thread_ids() -> set[int]:
-    """Return the ids of all of this process's threads; empty where unsupported."""
+    """Return the ids of all of this process's threads, or an empty set where unsupported."""
     if not _supported():
         return set()
     return {int(name) for name in os.listdir(_TASK_DIR)}

@@ -170,10 +170,8 @@ class Transfer:
         self.stream.add_reader()
         try:
             self.outcome = self._stream_records()
-            if self.outcome == "sent" and self._wait_done():
-                self.outcome = "completed"
-            elif self.outcome == "sent":
-                self.outcome = self._end_reason() if self._client_closed else "unacknowledged"
+            if self.outcome == "sent":
+                self.outcome = "completed" if self._wait_done() else self._unacknowledged()
         except KeyError:
             self.outcome = "released"
         except (zmq.ZMQError, OSError) as exc:
@@ -223,6 +221,10 @@ class Transfer:
 
     def _stopping(self) -> bool:
         return self._stop.is_set() or self._client_closed
+
+    def _unacknowledged(self) -> str:
+        # Everything was sent, but the client's "done" never came.
+        return self._end_reason() if self._client_closed else "unacknowledged"
 
     def _end_reason(self) -> str:
         if self._client_closed:

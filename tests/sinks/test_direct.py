@@ -40,7 +40,7 @@ def test_staging_aligned_payload_written_without_staging(tmp_path: Path) -> None
 
 def test_staging_unaligned_payload_padded(tmp_path: Path) -> None:
     backing = np.arange(2 * ALIGN + 101, dtype=np.uint8)
-    payload = memoryview(backing)[1:]  # one byte past an allocation: not aligned
+    payload = memoryview(backing)[1:]  # starts one byte past the allocation, so not aligned
     path = tmp_path / "unaligned.bin"
     fd = _direct_fd(path)
     staging = Staging()
