@@ -234,11 +234,16 @@ class RetainedStream:
         # for a gigabyte, so it happens outside the lock.
         _Cleanup([], None, arena, pool).run()
 
-    def cut_stream(self) -> None:
-        """Mark the stream cancelled: no chunk is appended or sent from now on."""
+    def cut_stream(self) -> int:
+        """Mark the stream cancelled: no chunk is appended or sent from now on.
+
+        Returns the number of chunks appended before the cut, the only ones
+        a transfer may still send.
+        """
         with self.cond:
             self._cut = True
             self.cond.notify_all()
+            return sum(1 for record in self._records if record.is_chunk)
 
     def wait_record(self, index: int, timeout: float) -> Record | None:
         """Return message ``index``, waiting up to ``timeout`` s for it; None if absent.

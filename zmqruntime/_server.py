@@ -357,12 +357,12 @@ class ExecutionServer:
                     "message": f"execution {record.exec_id} is already {record.state}; "
                     "nothing to cancel",
                 }
+            # The stream's own count, not record.chunks_done: the ingest thread
+            # appends a chunk before it counts it, so the record can lag by one.
             stream = self._retention.get(record.exec_id)
-            if stream is not None:
-                stream.cut_stream()
+            chunks_done = record.chunks_done if stream is None else stream.cut_stream()
             self._set_state(record, "cancelling")
             record.cancel_requested = True
-            chunks_done = record.chunks_done
 
         self._executor.cancel(record.exec_id)
         # A queued execution is dropped at once, so it may already be cancelled.

@@ -81,6 +81,20 @@ def test_retention_cut_stream_rejects_chunks(tmp_path: Path) -> None:
     store.close()
 
 
+def test_retention_cut_stream_counts_chunks(tmp_path: Path) -> None:
+    # Spilled and in-memory chunks count alike; the declaration does not.
+    store = RetentionStore(memory_limit=4, spill_dir=tmp_path)
+    stream = store.create("e1")
+    stream.append(b"declaration")
+    for _ in range(3):
+        stream.append(b"chunk", b"data")
+
+    counted = stream.cut_stream()
+
+    assert counted == 3
+    store.close()
+
+
 def test_retention_expire_releases_only_old_sealed(tmp_path: Path) -> None:
     store = RetentionStore(memory_limit=1 << 20, spill_dir=tmp_path)
     store.create("open")
