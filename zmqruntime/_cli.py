@@ -305,6 +305,8 @@ def _mib_or_unknown(value: int | None) -> str:
 def _result_location(handle: Any) -> str:
     # A memmap has its file name. A zarr array has its store and its own
     # path inside it, because the group's path alone does not name the array.
+    # Both are printed absolute, so the line names the same place from any
+    # working directory.
     filename = getattr(handle, "filename", None)
     if filename:
         return str(filename)
@@ -314,7 +316,8 @@ def _result_location(handle: Any) -> str:
     root = getattr(store_path.store, "root", None)
     if root is None:
         return str(store_path)
-    return str(Path(root) / store_path.path) if store_path.path else str(root)
+    root = Path(root).resolve()
+    return str(root / store_path.path) if store_path.path else str(root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -113,13 +113,57 @@ def test_job_on_server_matches_in_process(tmp_path: Path, server_port: int) -> N
 def test_job_on_server_releases_results(tmp_path: Path, server_port: int) -> None:
     from zmqruntime import ExecutionClient
 
-    report = run_job(
-        JobOptions(config=_config(), output=tmp_path, port=server_port, progress=False)
+    options = JobOptions(
+        config=_config(), output=tmp_path, port=server_port, progress=False, keep_server=True
     )
+    report = run_job(options)
 
     with ExecutionClient(port=server_port, auto_spawn=False, timeout=5) as client:
         # False: the job released the results already, so none were left.
         assert client.release(report.execution_id) is False
+
+
+def _server_gone(port: int, timeout: float) -> bool:
+    """Return whether the server on ``port`` stops replying to pings within ``timeout`` seconds."""
+    from zmqruntime import ExecutionClient, ZmqTimeoutError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with ExecutionClient(port=port, auto_spawn=False, timeout=0.5, retries=0) as client:
+            try:
+                client.ping()
+            except ZmqTimeoutError:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def test_job_stops_server_it_started(tmp_path: Path, server_port: int) -> None:
+    report = run_job(
+        JobOptions(config=_config(), output=tmp_path, port=server_port, progress=False)
+    )
+
+    assert report.status == "completed"
+    assert _server_gone(server_port, timeout=10)
+
+
+def test_job_keeps_existing_server(tmp_path: Path, server_port: int) -> None:
+    from zmqruntime import ExecutionClient
+
+    with ExecutionClient(port=server_port, timeout=10) as client:
+        pid = client.ping()["pid"]
+        run_job(JobOptions(config=_config(), output=tmp_path, port=server_port, progress=False))
+        assert client.ping()["pid"] == pid
+
+
+def test_stop_own_server_other_execution(server_port: int) -> None:
+    from zmqruntime import ExecutionClient
+    from zmqruntime.demo._job import _stop_own_server
+
+    with ExecutionClient(port=server_port, timeout=10) as client:
+        other = client.execute(PIPELINE, _config(rows=1, columns=1, fields=1))
+        _stop_own_server(client, execution_id="not-" + other)
+        assert client.get_status(other).exec_id == other
 
 
 def _wait_for_root_status(store: Path, process: subprocess.Popen[str], images: int) -> None:
@@ -143,7 +187,7 @@ def test_job_ctrl_c_cancels_and_marks_store(tmp_path: Path, server_port: int) ->
     command = [
         sys.executable, "-m", "zmqruntime.demo", "--port", str(server_port),
         "--rows", "8", "--columns", "12", "--fields", "4", "--image-size", "384",
-        "--output", str(tmp_path), "--quiet", "--no-preview",
+        "--output", str(tmp_path), "--quiet", "--no-preview", "--keep-server",
     ]  # fmt: skip
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -306,7 +350,17 @@ def test_main_input_error_on_server_releases(
     tifffile.imwrite(folder / "b.tif", np.zeros((32, 40), np.uint16))
     output = tmp_path / "out"
 
-    code = main(["--port", str(server_port), "--input", str(folder), "--output", str(output)])
+    code = main(
+        [
+            "--port",
+            str(server_port),
+            "--input",
+            str(folder),
+            "--output",
+            str(output),
+            "--keep-server",
+        ]
+    )
 
     error = capsys.readouterr().err
     assert code == 2

@@ -108,3 +108,18 @@ def test_cli_results_zarr_prints_array_path(
 
     assert f"a: shape (2, 3) dtype uint8 -> {out / 'a'}" in text
     assert f"b: shape (4,) dtype float64 -> {out / 'b'}" in text
+
+
+def test_cli_results_relative_zarr_prints_absolute_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = "import numpy as np\ndef pipeline(ctx, config):\n    yield 'a', np.ones(3, np.uint8)\n"
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(code)
+        client.wait(exec_id, timeout=30)
+        common = ["--endpoint", server.endpoint, "--no-progress"]
+        assert main(["results", exec_id, "--sink", "out/x.zarr", *common]) == 0
+        text = capsys.readouterr().out
+
+    assert f"-> {tmp_path.resolve() / 'out' / 'x.zarr' / 'a'}" in text

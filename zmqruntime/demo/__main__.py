@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--in-process", action="store_true", help="run the pipeline in this process, no server"
     )
+    run.add_argument(
+        "--keep-server",
+        action="store_true",
+        help="leave a server that this job started running (default: stop it at the end)",
+    )
     run.add_argument("--no-preview", action="store_true", help="skip preview.png")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -141,6 +146,7 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         overwrite=args.overwrite,
         progress=not args.quiet,
         preview=not args.no_preview,
+        keep_server=args.keep_server,
     )
 
 

@@ -11,8 +11,11 @@ them, whether it completed, failed or was interrupted. With
 ``in_process=True`` the same pipeline runs in this process instead, with the
 same outputs.
 
-Ctrl-C (KeyboardInterrupt) cancels the execution: the server keeps running,
-the store keeps every image already written, its root attributes record
+A server that the job started is stopped at the end unless
+``JobOptions.keep_server`` is set or another execution is on it.
+
+Ctrl-C (KeyboardInterrupt) cancels the execution: the store keeps every
+image already written, its root attributes record
 ``complete: false``, the measurements received so far go to CSV, and
 :class:`JobInterrupted` carries the partial report.
 """
@@ -99,6 +102,9 @@ class JobOptions:
         Show a tqdm progress bar on stderr.
     preview:
         Write ``preview.png``.
+    keep_server:
+        Leave a server that this job started running after the job. By
+        default the job stops it, once no other execution is on it.
     """
 
     config: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +114,7 @@ class JobOptions:
     overwrite: bool = False
     progress: bool = True
     preview: bool = True
+    keep_server: bool = False
 
 
 @dataclass
@@ -297,8 +304,10 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _open_client(port: int) -> ExecutionClient:
-    """Return a client for the server on 127.0.0.1:``port``, which it starts if the port is free.
+def _open_client(port: int) -> tuple[ExecutionClient, bool]:
+    """Return a client for the server on 127.0.0.1:``port``, and whether this job starts it.
+
+    The client starts a server when the port is free, on its first request.
 
     Raises
     ------
@@ -318,7 +327,8 @@ def _open_client(port: int) -> ExecutionClient:
             ) from None
         finally:
             probe.close()
-    return ExecutionClient(port=port)
+        return ExecutionClient(port=port), False
+    return ExecutionClient(port=port), True
 
 
 def _run_in_process(
@@ -340,13 +350,13 @@ def _run_on_server(
     On any exception but a timeout (the server no longer answers) the
     execution is cancelled first; ``run`` records the cancel outcome.
     """
-    client = _open_client(options.port)
+    client, starts_server = _open_client(options.port)
+    reachable = True
     try:
         # NOTE: a Ctrl-C while execute() waits for its reply may leave an
         # execution running on the server whose id this job never learned.
         execution_id = str(client.execute(PIPELINE, options.config))
         run.execution_id = execution_id
-        reachable = True
         try:
             started(execution_id)
             return dict(client.get_results(execution_id, sink=router))
@@ -359,7 +369,32 @@ def _run_on_server(
             if reachable:
                 run.released = _release(client, execution_id)
     finally:
+        if starts_server and reachable and run.execution_id and not options.keep_server:
+            _stop_own_server(client, run.execution_id)
         client.close()
+
+
+def _stop_own_server(client: ExecutionClient, execution_id: str | None) -> None:
+    """Stop the server this job started, unless it has a record of another execution.
+
+    Another program may have submitted work to the server while the job ran.
+    A shutdown would cancel that work and drop its results, so in that case
+    the server keeps running and exits after its idle timeout.
+    """
+    try:
+        others = [
+            s for s in client.list_executions(timeout=CLEANUP_TIMEOUT) if s.exec_id != execution_id
+        ]
+        if others:
+            logger.info(
+                "not stopping the server on %s: it has %d other execution(s)",
+                client.endpoint,
+                len(others),
+            )
+            return
+        client.shutdown(timeout=CLEANUP_TIMEOUT)
+    except ZmqRuntimeError as exc:
+        logger.warning("could not stop the server this job started on %s: %s", client.endpoint, exc)
 
 
 def _cancel(client: ExecutionClient, run: _ServerRun) -> None:
