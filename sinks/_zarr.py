@@ -93,7 +93,12 @@ class ZarrSink(Sink):
         the pool has ``max(1, max_pending_bytes // chunk_nbytes)`` of them,
         and :meth:`destination` blocks while all of them wait to be written.
     write_threads:
-        Threads that encode and store chunks in the background.
+        Threads that encode and store chunks in the background. With two,
+        the default, one thread creates and writes a chunk file while the
+        other one's write waits for the disk. Measured on 2 cores with 1 GiB
+        results: end to end over tcp, 1.1 to 1.6 GB/s with one thread and 1.7
+        to 1.9 GB/s with two. The sink alone (``benchmarks/test_data_path.py``)
+        took 1.2 to 1.4 GB/s with one and 1.5 to 1.6 GB/s with two.
     direct_io:
         For a store on the local file system, write whole chunk files with
         ``O_DIRECT``, past the page cache, through a temporary file renamed
@@ -141,7 +146,7 @@ class ZarrSink(Sink):
         chunks: Sequence[int] | None = None,
         shards: Sequence[int] | None = None,
         max_pending_bytes: int = _DEFAULT_MAX_PENDING_BYTES,
-        write_threads: int = 1,
+        write_threads: int = 2,
         direct_io: bool | None = None,
     ) -> None:
         if write_threads < 1:
