@@ -105,6 +105,10 @@ class Ingest:
         stream = self._retention.get(message.exec_id)
         if stream is None:
             self._drop(f"execution {message.exec_id} is unknown or released")
+            if isinstance(message, StreamEnd):
+                # The worker waits for this acknowledgement before it exits,
+                # and its worker slot stays busy until then.
+                self._server.acknowledge_stream(message.exec_id)
             return
 
         if isinstance(message, StreamEnd):

@@ -380,7 +380,8 @@ class ExecutionServer:
         with self._lock:
             record = self._record(body.get("exec_id"))
             stream = self._retention.get(record.exec_id)
-            if stream is None:
+            # A released execution that still runs keeps its stream until it ends.
+            if stream is None or record.results_released:
                 raise ExecutionNotFoundError(
                     f"results of execution {record.exec_id} were released or expired; "
                     "run the execution again"
@@ -420,7 +421,16 @@ class ExecutionServer:
     def _handle_release(self, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         with self._lock:
             record = self._record(body.get("exec_id"))
+            already = record.results_released
             record.results_released = True
+            if record.state not in TERMINAL_STATES:
+                # Dropping the stream now would make the ingest thread discard
+                # the rest of it and fail the execution, so _set_state drops it
+                # once the execution has ended.
+                deferred = not already and self._retention.get(record.exec_id) is not None
+                if deferred:
+                    logger.info("execution %s: results released once it ends", record.exec_id)
+                return {"released": deferred}
         # Outside the server lock, and the cleanup runs in the background:
         # deleting a large spill file takes a while.
         released = self._retention.release(record.exec_id, background=True)
@@ -536,7 +546,11 @@ class ExecutionServer:
         self._set_state(record, status)
 
     def _set_state(self, record: ExecutionRecord, state: str) -> None:
+        # Caller holds the lock.
         previous, record.state = record.state, state
+        if state in TERMINAL_STATES and record.results_released:
+            # A release that arrived while the execution ran.
+            self._retention.release(record.exec_id, background=True)
         if state in TERMINAL_STATES and record.error:
             logger.info(
                 "execution %s: %s -> %s (%s: %s)",
