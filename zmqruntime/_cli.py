@@ -157,7 +157,8 @@ def _build_parser() -> argparse.ArgumentParser:
     results.add_argument(
         "--sink",
         default="memmap",
-        help="memmap, zarr, memory, or a path ending in .npy or .zarr; memmap and "
+        help="memmap, zarr, memory, or a path ending in .npy or .zarr (missing "
+        "directories are created); memmap and "
         "zarr write new files named zmqruntime-<result>-<random> in the system "
         "temp directory, memory only prints shape and dtype (default: %(default)s)",
     )
@@ -266,6 +267,7 @@ def _run_client_command(args: argparse.Namespace) -> int:
             print(outcome.message)
             return 0 if outcome.accepted else 1
         elif args.command == "results":
+            _make_npy_parent(args.sink)
             values = client.get_results(
                 args.exec_id,
                 args.sink,
@@ -300,6 +302,13 @@ def _or_unknown(value: int | None) -> str:
 
 def _mib_or_unknown(value: int | None) -> str:
     return "?" if value is None else f"{value / _MIB:.1f}"
+
+
+def _make_npy_parent(sink: str) -> None:
+    # A zarr store creates its own directories, so a .npy path gets the same.
+    path = Path(sink)
+    if path.suffix.lower() == ".npy":
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _result_location(handle: Any) -> str:

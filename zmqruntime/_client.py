@@ -316,7 +316,14 @@ class ExecutionClient:
         return CancelResult.from_map(exec_id, reply)
 
     def release(self, exec_id: str, *, timeout: float | None = None) -> bool:
-        """Drop the retained results of ``exec_id``; False when none were retained."""
+        """Drop the retained results of ``exec_id``; False when none were retained.
+
+        An execution that is still queued or running goes on to its end, and
+        the server drops its results then. From the release on, a fetch of
+        ``exec_id`` raises :class:`ExecutionNotFoundError`. A fetch already
+        running ends with that error within about 2 s of the results being
+        dropped, and keeps the chunks its sinks have written.
+        """
         reply = self._request(MessageType.RELEASE, {"exec_id": exec_id}, timeout=timeout)
         return bool(reply["released"])
 
@@ -368,7 +375,9 @@ class ExecutionClient:
         ----------
         sink:
             ``"memory"``, ``"memmap"``, ``"zarr"``, a ``.npy`` or ``.zarr`` path,
-            a :class:`sinks.Sink`, or a callable ``spec -> Sink``.
+            a :class:`sinks.Sink`, a callable that takes a result name and
+            returns a new Sink, or a mapping of result name to any of these.
+            A mapping fetches only its keys when ``names`` is None.
         names:
             Results to fetch; None fetches all.
         timeout:
@@ -452,12 +461,20 @@ class ExecutionClient:
         the client notifies the server, which ends the transfer within about
         0.1 s. A client that dies cannot notify it: the server then drops the
         transfer after its transfer timeout.
+
+        A ``break`` out of a ``for`` loop over the call closes the iterator
+        at once. An iterator kept in a variable is closed only by its
+        ``close()`` or when it is garbage collected, so wrap it in
+        ``contextlib.closing`` to abort at a known point.
         """
         if window_bytes is not None and window_bytes < 1:
             raise ValueError(
                 f"window_bytes={window_bytes} must be at least 1; pass None for the "
                 "server's default window"
             )
+        if names is None and isinstance(sink, Mapping):
+            # A mapping names the results it has sinks for.
+            names = [str(key) for key in sink]
         body = {
             "exec_id": exec_id,
             "names": list(names) if names is not None else None,

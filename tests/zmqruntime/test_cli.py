@@ -123,3 +123,18 @@ def test_cli_results_relative_zarr_prints_absolute_path(
         text = capsys.readouterr().out
 
     assert f"-> {tmp_path.resolve() / 'out' / 'x.zarr' / 'a'}" in text
+
+
+def test_cli_results_npy_creates_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "new" / "x.npy"
+    code = "import numpy as np\ndef pipeline(ctx, config):\n    yield 'a', np.ones(3, np.uint8)\n"
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(code)
+        client.wait(exec_id, timeout=30)
+        common = ["--endpoint", server.endpoint, "--no-progress"]
+        assert main(["results", exec_id, "--sink", str(target), *common]) == 0
+        capsys.readouterr()
+
+    assert (tmp_path / "new" / "x.a.npy").exists()

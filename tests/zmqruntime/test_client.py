@@ -140,3 +140,22 @@ def test_client_callable_pipeline_sent_as_reference() -> None:
         status = client.wait(exec_id, timeout=30)
     assert status.state is ExecutionState.COMPLETED
     assert sorted(status.results) == ["a", "b"]
+
+
+TWO_RESULTS_PIPELINE = """
+import numpy as np
+
+def pipeline(ctx, config):
+    yield "a", np.arange(4, dtype=np.uint8)
+    yield "b", np.ones(3, np.float32)
+"""
+
+
+def test_client_sink_mapping_fetches_its_keys(tmp_path: Path) -> None:
+    with running_server() as server, connected_client(server, timeout=20) as client:
+        exec_id = client.execute(TWO_RESULTS_PIPELINE)
+        client.wait(exec_id, timeout=20)
+        results = client.get_results(exec_id, sink={"a": str(tmp_path / "a.npy")})
+
+    assert list(results) == ["a"]
+    assert results["a"].tolist() == [0, 1, 2, 3]
