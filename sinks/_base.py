@@ -55,6 +55,10 @@ class SinkConfigError(SinkError, ValueError):
     """A sink argument is invalid: unknown sink name, unusable path, mismatched ``out=`` array."""
 
 
+class SinkExistsError(SinkConfigError):
+    """The target file or zarr node exists and the sink was not asked to overwrite it."""
+
+
 class SinkRegionError(SinkError, ValueError):
     """A region or its data does not fit the declared array (bounds, rank, shape, dtype)."""
 

@@ -14,7 +14,15 @@ import numpy as np
 import numpy.typing as npt
 
 from ._background import BackgroundWriter
-from ._base import ArraySpec, Region, Sink, SinkConfigError, SinkRegionError, SinkWriteError
+from ._base import (
+    ArraySpec,
+    Region,
+    Sink,
+    SinkConfigError,
+    SinkExistsError,
+    SinkRegionError,
+    SinkWriteError,
+)
 from ._common import (
     Lifecycle,
     State,
@@ -250,7 +258,7 @@ class MemmapSink(Sink):
                 f"memmap path {path} is a directory; pass a file path such as {path / 'result.npy'}"
             )
         if path.exists() and not self.overwrite:
-            raise SinkConfigError(
+            raise SinkExistsError(
                 f"memmap file {path} already exists; pass overwrite=True to replace it, "
                 "or choose another path"
             )

@@ -175,9 +175,9 @@ def _from_mapping(sinks: Mapping[Any, Any], names: Sequence[str]) -> dict[str, S
     extra = [key for key in sinks if key not in names]
     if missing or extra:
         raise SinkConfigError(
-            f"the sink mapping has keys {sorted(map(str, sinks))}, but the results are "
-            f"{list(names)}; give exactly one entry per result (missing {missing}, "
-            f"unknown {extra})"
+            f"the sink mapping has keys {sorted(map(str, sinks))}, but the fetch asks for "
+            f"{list(names)}; give exactly one entry per requested result (missing {missing}, "
+            f"not requested {extra})"
         )
     return {n: resolve_sink(sinks[n], spec_name=n) for n in names}
 

@@ -19,6 +19,7 @@ from ._base import (
     Region,
     Sink,
     SinkConfigError,
+    SinkExistsError,
     SinkRegionError,
     SinkWriteError,
 )
@@ -415,7 +416,7 @@ class ZarrSink(Sink):
             zarr.errors.ContainsGroupError,
             zarr.errors.ContainsArrayAndGroupError,
         ) as exc:
-            raise SinkConfigError(
+            raise SinkExistsError(
                 f"zarr store {self._describe_target()} already contains a node; pass "
                 "overwrite=True (for example sinks.ZarrSink(path, overwrite=True)) or "
                 "choose another path"

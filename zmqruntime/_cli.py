@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sinks import SinkExistsError
+
 from ._client import ExecutionClient
 from ._errors import ZmqRuntimeError
 from ._execution import ServerConfig, default_memory_limit
@@ -340,6 +342,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     try:
         return _run_client_command(args)
+    except SinkExistsError as exc:
+        # The sink's own advice (overwrite=True) is for Python callers.
+        print(f"error: {exc}", file=sys.stderr)
+        print(
+            "the results command never replaces a file or store: pass --sink with a new "
+            "path, or remove the existing one first",
+            file=sys.stderr,
+        )
+        return 1
     except (ZmqRuntimeError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

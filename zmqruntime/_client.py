@@ -320,9 +320,12 @@ class ExecutionClient:
 
         An execution that is still queued or running goes on to its end, and
         the server drops its results then. From the release on, a fetch of
-        ``exec_id`` raises :class:`ExecutionNotFoundError`. A fetch already
-        running ends with that error within about 2 s of the results being
-        dropped, and keeps the chunks its sinks have written.
+        ``exec_id`` raises :class:`ExecutionNotFoundError`, and so does
+        ``release`` for an unknown ``exec_id``. A fetch that runs when a queued
+        or running execution is released completes, and the results are
+        dropped after it. A fetch that runs when an ended execution is
+        released ends with that error within about 2 s, and keeps the chunks
+        its sinks have written.
         """
         reply = self._request(MessageType.RELEASE, {"exec_id": exec_id}, timeout=timeout)
         return bool(reply["released"])
@@ -407,6 +410,10 @@ class ExecutionClient:
             The execution is unknown, or a name in ``names`` is not one of its
             results.
         """
+        if names is None and isinstance(sink, Mapping):
+            # A mapping names the results it has sinks for, so an unknown key
+            # is reported like an unknown name.
+            names = [str(key) for key in sink]
         values: dict[str, Any] = {}
         bar = _progress_bar(self, exec_id) if progress else None
         try:
@@ -473,7 +480,6 @@ class ExecutionClient:
                 "server's default window"
             )
         if names is None and isinstance(sink, Mapping):
-            # A mapping names the results it has sinks for.
             names = [str(key) for key in sink]
         body = {
             "exec_id": exec_id,

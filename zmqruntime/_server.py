@@ -425,8 +425,8 @@ class ExecutionServer:
             record.results_released = True
             if record.state not in TERMINAL_STATES:
                 # Dropping the stream now would make the ingest thread discard
-                # the rest of it and fail the execution, so _set_state drops it
-                # once the execution has ended.
+                # the rest of it and fail the execution, so _drop_released
+                # drops it once the execution has ended.
                 deferred = not already and self._retention.get(record.exec_id) is not None
                 if deferred:
                     logger.info("execution %s: results released once it ends", record.exec_id)
@@ -548,9 +548,8 @@ class ExecutionServer:
     def _set_state(self, record: ExecutionRecord, state: str) -> None:
         # Caller holds the lock.
         previous, record.state = record.state, state
-        if state in TERMINAL_STATES and record.results_released:
-            # A release that arrived while the execution ran.
-            self._retention.release(record.exec_id, background=True)
+        if state in TERMINAL_STATES:
+            self._drop_released(record)
         if state in TERMINAL_STATES and record.error:
             logger.info(
                 "execution %s: %s -> %s (%s: %s)",
@@ -563,9 +562,25 @@ class ExecutionServer:
         else:
             logger.info("execution %s: %s -> %s", record.exec_id, previous, state)
 
+    def _drop_released(self, record: ExecutionRecord) -> None:
+        """Drop the stream of an ended execution that was released while it ran.
+
+        Caller holds the lock. A fetch that was running at the release may
+        still be sending the stream's tail, so the stream stays until the
+        last such fetch ends (see :meth:`_transfer_done`).
+        """
+        if not record.results_released or record.state not in TERMINAL_STATES:
+            return
+        if any(t.stream.exec_id == record.exec_id for t in self._transfers.values()):
+            return
+        self._retention.release(record.exec_id, background=True)
+
     def _transfer_done(self, transfer: Transfer) -> None:
         with self._lock:
             self._transfers.pop(transfer.transfer_id, None)
+            record = self._executions.get(transfer.stream.exec_id)
+            if record is not None:
+                self._drop_released(record)
             self.transfer_stats.append(
                 {
                     "transfer_id": transfer.transfer_id,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sinks import ArraySpec, MemmapSink, Region, SinkConfigError, SinkWriteError
+from sinks import ArraySpec, MemmapSink, Region, SinkConfigError, SinkExistsError, SinkWriteError
 from sinks._direct import ALIGN, open_direct
 from sinks.testing import grid_regions, sample_array, stream
 
@@ -122,7 +122,7 @@ def test_memmap_sink_existing_file_without_overwrite_raises(tmp_path: Path) -> N
     path.write_bytes(b"keep me")
     sink = MemmapSink(path)
 
-    with pytest.raises(SinkConfigError, match="overwrite=True") as info:
+    with pytest.raises(SinkExistsError, match="overwrite=True") as info:
         sink.open(ArraySpec("x", (2,), np.dtype("<f4"), (2,)))
 
     assert str(path) in str(info.value)

@@ -18,6 +18,7 @@ from sinks import (
     ChunkEncoding,
     Region,
     SinkConfigError,
+    SinkExistsError,
     SinkStateError,
     SinkWriteError,
     ZarrSink,
@@ -328,7 +329,7 @@ def test_zarr_sink_existing_array_without_overwrite_raises(tmp_path: Path) -> No
     spec = ArraySpec("x", (4,), np.dtype("<f4"), (2,))
     stream(ZarrSink(path), spec, np.zeros(4, dtype="<f4"))
 
-    with pytest.raises(SinkConfigError, match="overwrite=True") as info:
+    with pytest.raises(SinkExistsError, match="overwrite=True") as info:
         ZarrSink(path).open(spec)
 
     assert str(path) in str(info.value)

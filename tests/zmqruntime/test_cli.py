@@ -138,3 +138,21 @@ def test_cli_results_npy_creates_directory(
         capsys.readouterr()
 
     assert (tmp_path / "new" / "x.a.npy").exists()
+
+
+def test_cli_results_existing_store_explains_cli_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = str(tmp_path / "x.zarr")
+    code = "import numpy as np\ndef pipeline(ctx, config):\n    yield 'a', np.ones(3, np.uint8)\n"
+    with running_server() as server, connected_client(server) as client:
+        exec_id = client.execute(code)
+        client.wait(exec_id, timeout=30)
+        common = ["--endpoint", server.endpoint, "--no-progress"]
+        assert main(["results", exec_id, "--sink", target, *common]) == 0
+        second = main(["results", exec_id, "--sink", target, *common])
+        error = capsys.readouterr().err
+
+    assert second == 1
+    assert "already contains a node" in error
+    assert "pass --sink with a new path" in error

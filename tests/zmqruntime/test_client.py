@@ -13,6 +13,7 @@ import zmq
 from zmqruntime import (
     ControlValueError,
     ExecutionClient,
+    ExecutionNotFoundError,
     ExecutionServer,
     ExecutionState,
     PipelineLoadError,
@@ -159,3 +160,11 @@ def test_client_sink_mapping_fetches_its_keys(tmp_path: Path) -> None:
 
     assert list(results) == ["a"]
     assert results["a"].tolist() == [0, 1, 2, 3]
+
+
+def test_client_sink_mapping_unknown_key_raises() -> None:
+    with running_server() as server, connected_client(server, timeout=20) as client:
+        exec_id = client.execute(TWO_RESULTS_PIPELINE)
+        client.wait(exec_id, timeout=20)
+        with pytest.raises(ExecutionNotFoundError, match=r"'c'.*\['a', 'b'\]"):
+            client.get_results(exec_id, sink={"a": "memory", "c": "memory"})

@@ -97,3 +97,21 @@ def test_stream_end_of_dropped_stream_frees_worker() -> None:
         waited = time.monotonic() - started
 
     assert waited < 15
+
+
+def test_release_running_fetch_completes() -> None:
+    with running_server() as server, connected_client(server, timeout=30) as client:
+        exec_id = client.execute(SLOW_FRAMES_PIPELINE, {"n": 20})
+        _wait_running(client, exec_id)
+        events = client.iter_results(exec_id)
+        next(events)
+        client.release(exec_id)
+        kinds = [type(event).__name__ for event in events]
+        deadline = time.monotonic() + 10
+        while server._retention.get(exec_id) is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        dropped = server._retention.get(exec_id) is None
+
+    assert kinds.count("ChunkReceived") == 20
+    assert kinds[-1] == "ResultCompleted"
+    assert dropped
