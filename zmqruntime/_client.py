@@ -410,10 +410,7 @@ class ExecutionClient:
             The execution is unknown, or a name in ``names`` is not one of its
             results.
         """
-        if names is None and isinstance(sink, Mapping):
-            # A mapping names the results it has sinks for, so an unknown key
-            # is reported like an unknown name.
-            names = [str(key) for key in sink]
+        names = _requested_names(sink, names)
         values: dict[str, Any] = {}
         bar = _progress_bar(self, exec_id) if progress else None
         try:
@@ -479,8 +476,7 @@ class ExecutionClient:
                 f"window_bytes={window_bytes} must be at least 1; pass None for the "
                 "server's default window"
             )
-        if names is None and isinstance(sink, Mapping):
-            names = [str(key) for key in sink]
+        names = _requested_names(sink, names)
         body = {
             "exec_id": exec_id,
             "names": list(names) if names is not None else None,
@@ -555,6 +551,14 @@ class ExecutionClient:
             f"results of execution {exec_id} from {self.endpoint}: no message for "
             f"{idle_limit} s after the execution ended"
         )
+
+
+def _requested_names(sink: SinkArgument, names: Sequence[str] | None) -> Sequence[str] | None:
+    # A sink mapping names the results it has sinks for, so a key that is no
+    # result is reported like an unknown name.
+    if names is None and isinstance(sink, Mapping):
+        return [str(key) for key in sink]
+    return names
 
 
 def _destroy(context: zmq.Context[Any]) -> None:
