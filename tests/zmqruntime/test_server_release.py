@@ -43,7 +43,7 @@ def test_release_running_execution_completes() -> None:
     assert final.error is None
 
 
-def test_release_running_execution_drops_stream_at_end() -> None:
+def test_release_drops_stream_at_end() -> None:
     with running_server() as server, connected_client(server, timeout=30) as client:
         exec_id = client.execute(SLOW_FRAMES_PIPELINE, {"n": 20})
         _wait_running(client, exec_id)
@@ -58,7 +58,7 @@ def test_release_running_execution_drops_stream_at_end() -> None:
     assert released_again is False
 
 
-def test_release_running_execution_rejects_new_fetch() -> None:
+def test_release_rejects_new_fetch() -> None:
     with running_server() as server, connected_client(server, timeout=30) as client:
         exec_id = client.execute(SLOW_FRAMES_PIPELINE, {"n": 20})
         _wait_running(client, exec_id)
@@ -68,7 +68,7 @@ def test_release_running_execution_rejects_new_fetch() -> None:
         client.wait(exec_id, timeout=30)
 
 
-def test_release_running_execution_frees_worker_slot() -> None:
+def test_release_frees_worker_slot() -> None:
     with running_server(max_workers=1) as server, connected_client(server, timeout=30) as client:
         first = client.execute(SLOW_FRAMES_PIPELINE, {"n": 20})
         _wait_running(client, first)
@@ -84,7 +84,7 @@ def test_release_running_execution_frees_worker_slot() -> None:
     assert waited < 15
 
 
-def test_stream_end_of_dropped_stream_frees_worker() -> None:
+def test_dropped_stream_end_frees_worker() -> None:
     with running_server(max_workers=1) as server, connected_client(server, timeout=30) as client:
         first = client.execute(SLOW_FRAMES_PIPELINE, {"n": 20})
         _wait_running(client, first)

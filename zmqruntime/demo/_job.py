@@ -374,7 +374,7 @@ def _run_on_server(
         client.close()
 
 
-def _stop_own_server(client: ExecutionClient, execution_id: str | None) -> None:
+def _stop_own_server(client: ExecutionClient, execution_id: str) -> None:
     """Stop the server this job started, unless it has a record of another execution.
 
     Another program may have submitted work to the server while the job ran.
@@ -382,9 +382,8 @@ def _stop_own_server(client: ExecutionClient, execution_id: str | None) -> None:
     the server keeps running and exits after its idle timeout.
     """
     try:
-        others = [
-            s for s in client.list_executions(timeout=CLEANUP_TIMEOUT) if s.exec_id != execution_id
-        ]
+        executions = client.list_executions(timeout=CLEANUP_TIMEOUT)
+        others = [status for status in executions if status.exec_id != execution_id]
         if others:
             logger.info(
                 "not stopping the server on %s: it has %d other execution(s)",
